@@ -1,0 +1,152 @@
+"""The engine against a plain dense reference written here, on random inputs."""
+
+import pytest
+import torch
+
+from asif_exp.engine import (
+    AUTHORS_OPTIONS,
+    AsifOptions,
+    evaluate_grid,
+    relative_representation,
+    select_topk,
+    streaming_topk,
+    unit_rows,
+)
+
+
+def dense_reference_scores(images, anchor_images, prompts, anchor_texts, prompt_class, num_classes,
+                           n, k, p, clamp, normalize, aggregation):
+    """ASIF written the obvious way: dense similarities, dense top-k, dense products."""
+
+    def rr(x, anchors, norm):
+        sims = unit_rows(x) @ unit_rows(anchors[:n]).T
+        values, ids = sims.topk(k, dim=1)
+        if clamp:
+            values = values.clamp_min(0)
+        values = values**p
+        dense = torch.zeros_like(sims).scatter_(1, ids, values)
+        return torch.nn.functional.normalize(dense, dim=1) if norm else dense
+
+    image_rr = rr(images, anchor_images, normalize == "both")
+    prompt_rr = rr(prompts, anchor_texts, normalize in ("both", "prompt"))
+    if aggregation == "mean":
+        classes = torch.stack([prompt_rr[prompt_class == c].mean(0) for c in range(num_classes)])
+        if normalize in ("both", "prompt"):
+            classes = torch.nn.functional.normalize(classes, dim=1)
+        return image_rr @ classes.T
+    prompt_scores = image_rr @ prompt_rr.T
+    return torch.stack(
+        [prompt_scores[:, prompt_class == c].max(1).values for c in range(num_classes)], dim=1
+    )
+
+
+def random_problem(seed, images=40, anchors=300, classes=5, templates=3, d_image=16, d_text=12):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        image_embeddings=torch.randn(images, d_image, generator=g),
+        anchor_image_embeddings=torch.randn(anchors, d_image, generator=g),
+        prompt_embeddings=torch.randn(classes * templates, d_text, generator=g),
+        anchor_text_embeddings=torch.randn(anchors, d_text, generator=g),
+        labels=torch.randint(0, classes, (images,), generator=g),
+        prompt_class=torch.arange(classes).repeat_interleave(templates),
+        num_classes=classes,
+    )
+
+
+OPTION_SETS = [
+    {},
+    AUTHORS_OPTIONS,
+    dict(clamp_negative=True, normalize="none", template_aggregation="max"),
+    dict(clamp_negative=False, normalize="both", template_aggregation="mean"),
+]
+
+
+@pytest.mark.parametrize("option_set", OPTION_SETS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grid_matches_dense_reference(option_set, seed):
+    problem = random_problem(seed)
+    # A tiny budget forces row blocks and many anchor chunks: chunked must equal unchunked.
+    options = AsifOptions(memory_budget_mb=0.01, device="cpu", **option_set)
+    cells, timings = evaluate_grid(**problem, ns=[50, 120, 300], ks=[5, 20, 60], ps=[1, 3, 8],
+                                   options=options, keep_scores=True, progress=False)
+    assert timings["skipped"] == [[50, 60]]  # k > n cells are skipped, 3 values of p each
+    assert len(cells) == 3 * 3 * 3 - 3
+    for cell in cells:
+        expected = dense_reference_scores(
+            problem["image_embeddings"], problem["anchor_image_embeddings"],
+            problem["prompt_embeddings"], problem["anchor_text_embeddings"],
+            problem["prompt_class"], problem["num_classes"], cell.n, cell.k, cell.p,
+            options.clamp_negative, options.normalize, options.template_aggregation,
+        )
+        torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-6)
+        assert torch.equal(cell.predictions, expected.argmax(1))
+        assert cell.top1 == pytest.approx(float((expected.argmax(1) == problem["labels"]).float().mean()))
+
+
+def test_exactly_k_nonzeros_and_unit_norm():
+    g = torch.Generator().manual_seed(3)
+    queries, anchors = unit_rows(torch.randn(30, 8, generator=g)), unit_rows(torch.randn(200, 8, generator=g))
+    top = streaming_topk(queries, anchors, [200], 25, AsifOptions(device="cpu"), progress=False)[200]
+    rr = relative_representation(top, 25, 4, clamp_negative=False, normalize=True).to_dense()
+    assert ((rr != 0).sum(1) == 25).all()
+    torch.testing.assert_close(rr.norm(dim=1), torch.ones(30))
+
+
+def test_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(4)
+    queries, anchors = unit_rows(torch.randn(64, 8, generator=g)), unit_rows(torch.randn(500, 8, generator=g))
+    ns = [100, 333, 500]
+    big = streaming_topk(queries, anchors, ns, 40, AsifOptions(device="cpu"), progress=False)
+    small = streaming_topk(queries, anchors, ns, 40, AsifOptions(device="cpu", memory_budget_mb=0.005),
+                           progress=False)
+    for n in ns:
+        assert torch.equal(big[n].indices, small[n].indices)
+        torch.testing.assert_close(big[n].values, small[n].values)
+
+
+def test_ties_go_to_lower_anchor_id():
+    values = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.2], [0.25, 0.25, 0.25, 0.25, 0.25]])
+    ids = torch.tensor([[9, 7, 3, 5, 1], [4, 2, 8, 0, 6]])
+    top_values, top_ids = select_topk(values, ids, 3)
+    assert top_ids.tolist() == [[9, 3, 5], [0, 2, 4]]
+    assert top_values.tolist() == [[1.0, 0.5, 0.5], [0.25, 0.25, 0.25]]
+
+
+def test_duplicate_anchors_give_deterministic_topk():
+    g = torch.Generator().manual_seed(5)
+    anchors = unit_rows(torch.randn(50, 6, generator=g)).repeat(4, 1)  # every anchor 4 times
+    queries = unit_rows(torch.randn(10, 6, generator=g))
+    a = streaming_topk(queries, anchors, [200], 7, AsifOptions(device="cpu"), progress=False)[200]
+    b = streaming_topk(queries, anchors, [200], 7, AsifOptions(device="cpu", memory_budget_mb=0.001),
+                       progress=False)[200]
+    assert torch.equal(a.indices, b.indices)
+    # A copy is chosen only if every lower copy of the same anchor is chosen too.
+    chosen = [set(row) for row in a.indices.tolist()]
+    assert all(i < 50 or i - 50 in row for row in chosen for i in row)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(ns=[301]), "anchors available"),
+        (dict(ks=[500], ns=[300]), "k must be <= n"),
+        (dict(num_classes=0), "class list is empty"),
+        (dict(anchor_text_embeddings=torch.randn(299, 12)), "anchor pairs mismatch"),
+        (dict(image_embeddings=torch.full((40, 16), float("nan"))), "NaN or inf"),
+        (dict(ps=[0]), "must be positive"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    problem = random_problem(0)
+    grid = dict(ns=[300], ks=[10], ps=[2])
+    grid.update({k: v for k, v in change.items() if k in grid})
+    problem.update({k: v for k, v in change.items() if k not in grid})
+    with pytest.raises(ValueError, match=message):
+        evaluate_grid(**problem, **grid, options=AsifOptions(device="cpu"), progress=False)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="normalize"):
+        AsifOptions(normalize="images")
+    with pytest.raises(ValueError, match="template_aggregation"):
+        AsifOptions(template_aggregation="median")

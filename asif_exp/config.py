@@ -87,8 +87,8 @@ class BenchmarkConfig:
 class AsifConfig:
     # A single value, or a list to evaluate the whole grid in one engine pass.
     n: Any = None  # anchors used (a prefix); None: all
-    k: Any = 800
-    p: Any = 8.0
+    k: Any = 200
+    p: Any = 2.0
     clamp_negative: bool = True
     normalize: str = "both"  # both, prompt, none
     template_aggregation: str = "mean"  # mean, max

@@ -140,6 +140,15 @@ class AnchorSet:
                 raise DataError(
                     f"anchors {self.name}: caption of pair {i} ({self.images.ids[i]}) is empty"
                 )
+        # One image with several captions is legitimate (COCO has 5); the same pair twice is not.
+        first: dict[tuple[str, str], int] = {}
+        for i, pair in enumerate(zip(self.images.ids, self.captions, strict=True)):
+            if pair in first:
+                raise DataError(
+                    f"anchors {self.name}: pairs {first[pair]} and {i} are the same "
+                    f"(image {pair[0]!r}, caption {pair[1]!r}); remove the duplicate"
+                )
+            first[pair] = i
 
 
 @dataclass
@@ -155,6 +164,15 @@ class Benchmark:
             raise DataError(f"benchmark {self.name}: the class list is empty")
         if len(self.images) == 0:
             raise DataError(f"benchmark {self.name}: no images")
+        if len(self.labels) != len(self.images):
+            raise DataError(
+                f"benchmark {self.name}: {len(self.images)} images but {len(self.labels)} labels"
+            )
+        seen: set[str] = set()
+        for i, image_id in enumerate(self.images.ids):
+            if image_id in seen:
+                raise DataError(f"benchmark {self.name}: image id {image_id!r} repeats (at {i})")
+            seen.add(image_id)
         bad = [y for y in self.labels if not 0 <= y < len(self.class_names)]
         if bad:
             raise DataError(
@@ -203,6 +221,12 @@ def _read_pairs_file(path: Path, cfg) -> list[dict]:
         for column in (cfg.image_column, cfg.caption_column):
             if column not in row:
                 raise DataError(f"{path}, record {i + 1}: no {column!r} field")
+        caption = row[cfg.caption_column]
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(
+                f"{path}, record {i + 1}: caption of pair {i} ({row[cfg.image_column]}) is empty "
+                f"or not text: {caption!r}"
+            )
     return rows
 
 
@@ -241,7 +265,12 @@ def _load_hf(path: str | None, config: str | None, split: str, data_root: str, w
         if local.is_dir() and (local / "dataset_info.json").exists():
             return datasets.load_from_disk(str(local))
         return datasets.load_dataset(str(local), config, split=split)
-    return datasets.load_dataset(path, config, split=split)
+    if local.is_absolute() or path.startswith((".", "~", "{data_root}")):
+        raise DataError(f"{what}: {local} does not exist")
+    try:  # a hub name: needs a network (or a warm HF cache)
+        return datasets.load_dataset(path, config, split=split)
+    except Exception as error:
+        raise DataError(f"{what}: could not load Hugging Face dataset {path!r}: {error}") from error
 
 
 def _balanced_subset(labels: list[int], size: int, seed: int) -> list[int]:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from asif_exp.data import load_anchors, load_benchmark, sha_of
-from asif_exp.embeddings import EmbeddingCache, encode_images
+from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
 from asif_exp.engine import AsifOptions, check_grid, evaluate_grid
 from asif_exp.tracking import open_tracker
@@ -26,6 +26,22 @@ def as_list(value) -> list:
     if isinstance(value, (list, tuple, ListConfig)):
         return list(value)
     return [value]
+
+
+def grid_values(cfg: DictConfig, n_available: int) -> tuple[list[int], list[int], list[float]]:
+    """asif.n, asif.k and asif.p as lists, checked against the anchors available."""
+
+    def parse(key: str, cast, default=None) -> list:
+        try:
+            return [default if v is None else cast(v) for v in as_list(cfg.asif[key])]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"asif.{key}={cfg.asif[key]!r}: expected a number or a list of numbers"
+            ) from None
+
+    ns, ks, ps = parse("n", int, n_available), parse("k", int), parse("p", float)
+    check_grid(ns, ks, ps, n_available)
+    return ns, ks, ps
 
 
 def asif_options(cfg: DictConfig) -> AsifOptions:
@@ -47,6 +63,18 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(staging, path)
 
 
+# Top-k passes kept between the jobs of an in-process multirun over k, p and n; only the
+# latest set of embeddings is kept, to bound memory.
+_TOPK_MEMO: dict[tuple, dict] = {}
+
+
+def topk_memo_for(embedding_keys: tuple) -> dict:
+    if embedding_keys not in _TOPK_MEMO:
+        _TOPK_MEMO.clear()
+        _TOPK_MEMO[embedding_keys] = {}
+    return _TOPK_MEMO[embedding_keys]
+
+
 class Embedder:
     """Cached embeddings for a job; encoders are loaded only on a cache miss."""
 
@@ -54,6 +82,7 @@ class Embedder:
         self.cfg = cfg
         self.cache = EmbeddingCache(cfg.paths.cache_dir, enabled=cfg.cache)
         self.cached: dict[str, bool] = {}
+        self.keys: list[str] = []  # identity keys of everything embedded, in order
 
     @cache  # noqa: B019 - one Embedder per job
     def image_encoder(self) -> ImageEncoder:
@@ -75,6 +104,7 @@ class Embedder:
             return {"embeddings": embeddings, "kept": torch.tensor(kept)}, {"failures": failures}
 
         tensors, extra, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        self.keys.append(identity_key(identity))
         return tensors["embeddings"], tensors["kept"].tolist(), extra["failures"]
 
     def texts(self, texts: list[str], description: str) -> torch.Tensor:
@@ -86,6 +116,7 @@ class Embedder:
             return {"embeddings": self.text_encoder().encode(texts, self.cfg.progress)}, {}
 
         tensors, _, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        self.keys.append(identity_key(identity))
         return tensors["embeddings"]
 
 
@@ -115,11 +146,7 @@ def evaluate(cfg: DictConfig, resolved: dict) -> dict:
 
     anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
     benchmark = load_benchmark(cfg.benchmark, cfg.paths.data_root)
-    ns = [len(anchors.captions) if n is None else int(n) for n in as_list(cfg.asif.n)]
-    ks, ps = [int(k) for k in as_list(cfg.asif.k)], [float(p) for p in as_list(cfg.asif.p)]
-    check_grid(ns, ks, ps, len(anchors.captions))  # before any encoding
-    if len(ns) == len(ks) == 1 and ks[0] > ns[0]:
-        raise ValueError(f"asif.k={ks[0]} exceeds asif.n={ns[0]}: k must be <= n")
+    ns, ks, ps = grid_values(cfg, len(anchors.captions))  # checked before any encoding
 
     timings = {}
     embedder = Embedder(cfg)
@@ -131,11 +158,13 @@ def evaluate(cfg: DictConfig, resolved: dict) -> dict:
     prompt_embeddings = embedder.texts(prompts, f"prompts {benchmark.name}")
     timings["embeddings_s"] = time.perf_counter() - t
     labels = torch.tensor(benchmark.labels)[bench_kept]
+    if anchor_failures:  # n = null means all anchors that could be read
+        ns, ks, ps = grid_values(cfg, len(anchor_kept))
 
     cells, engine_timings = evaluate_grid(
         bench_images, anchor_images, prompt_embeddings, anchor_texts, labels,
         torch.tensor(prompt_class), len(benchmark.class_names), ns, ks, ps, options,
-        progress=cfg.progress,
+        progress=cfg.progress, topk_memo=topk_memo_for(tuple(embedder.keys)),
     )
     timings.update(engine_timings)
     skipped_cells = timings.pop("skipped")

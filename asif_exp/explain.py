@@ -1,0 +1,497 @@
+"""`python -m asif_exp.explain benchmark=cifar10 query=12`: look inside an ASIF model.
+
+From the cached embeddings of a main run (encoders load only on a cache miss) it writes, into
+the Hydra output dir:
+  explain_q<query>.json/.png  the anchor pairs behind the prediction and the runner-up (Fig. 5)
+  abstain.csv/.png            accuracy against coverage as the "unknown" threshold moves
+  anchor_usage.csv/.png       how many queries use each anchor; pruning never-used anchors
+  model/                      the (edited) model as a directory, with `save_model=true`
+  explain_results.json        the numbers, the edit and the resolved config
+`edit.*` removes anchor pairs before anything is computed; `model_dir=...` loads a saved model
+instead of building one from `anchors`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from asif_exp.config import RunConfig
+from asif_exp.data import AnchorSet, Benchmark, DataError, load_anchors, load_benchmark
+from asif_exp.encoders import text_identity, vision_identity
+from asif_exp.memory import (
+    AsifModel,
+    Explanation,
+    Prompts,
+    anchor_usage,
+    coverage_curve,
+    explain,
+    load_model,
+    prune_unused,
+    usage_summary,
+)
+from asif_exp.run import Embedder, as_list, asif_options, grid_values, write_json_atomic
+
+log = logging.getLogger("asif_exp.explain")
+EXPLAIN_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class EditConfig:
+    """Anchor pairs removed before anything is computed (any criterion selects a pair)."""
+
+    remove_indices: list[int] = field(default_factory=list)  # positions among the n anchors
+    remove_ids: list[str] = field(default_factory=list)  # image ids (all captions of an image)
+    remove_caption_contains: str | None = None  # substring, case-sensitive
+    remove_caption_regex: str | None = None  # Python regex, re.search
+
+
+@dataclass
+class AbstainConfig:
+    threshold: float | None = None  # operating point reported in explain_results.json
+    num_thresholds: int = 50  # points on the accuracy-coverage curve
+
+
+@dataclass
+class ExplainConfig(RunConfig):
+    query: Any = 0  # benchmark index, or a list of them
+    top_anchors: int = 6  # anchor pairs drawn per class in the figure
+    edit: EditConfig = field(default_factory=EditConfig)
+    abstain: AbstainConfig = field(default_factory=AbstainConfig)
+    usage: bool = True  # anchor usage over the benchmark, and pruning never-used anchors
+    model_dir: str | None = None  # a saved model to use instead of building one from anchors
+    save_model: bool = False  # write the (edited) model to <output_dir>/model
+
+
+ConfigStore.instance().store(name="explain_schema", node=ExplainConfig)
+
+
+# ----------------------------------------------------------------------------- workspace
+
+
+@dataclass
+class Workspace:
+    """A model and a benchmark, embedded (from the cache when it can)."""
+
+    model: AsifModel
+    prompts: Prompts
+    image_embeddings: torch.Tensor
+    labels: torch.Tensor
+    benchmark: Benchmark
+    kept: list[int]  # benchmark index of each embedded image (unreadable ones are skipped)
+    anchors: AnchorSet | None  # None for a model loaded from model_dir
+    from_cache: dict[str, bool]
+
+    def row_of(self, query: int) -> int:
+        """Row of benchmark image `query` in the embeddings."""
+        if not 0 <= query < len(self.benchmark.labels):
+            raise IndexError(
+                f"query={query}: benchmark {self.benchmark.name} has images 0.."
+                f"{len(self.benchmark.labels) - 1}"
+            )
+        try:
+            return self.kept.index(query)
+        except ValueError:
+            raise DataError(
+                f"query={query}: image {self.benchmark.images.ids[query]!r} was skipped "
+                "as unreadable"
+            ) from None
+
+    def anchor_image(self, anchor_id: str) -> Image.Image | None:
+        if self.anchors is None:
+            return None
+        if not hasattr(self, "_anchor_index"):
+            self._anchor_index = {i: pos for pos, i in enumerate(self.anchors.images.ids)}
+        return self.anchors.images.load(self._anchor_index[anchor_id])
+
+
+def _single(value, name: str):
+    values = as_list(value)
+    if len(values) != 1 or values[0] is None:
+        raise ValueError(f"{name}={value}: explain needs a single value")
+    return values[0]
+
+
+def _encoders(cfg: DictConfig) -> dict:
+    identities = {
+        "vision": vision_identity(cfg.encoder.vision),
+        "text": text_identity(cfg.encoder.text),
+    }
+    return json.loads(json.dumps(identities))  # as a saved model holds them (tuples as lists)
+
+
+def load_workspace(cfg: DictConfig) -> Workspace:
+    embedder = Embedder(cfg)
+    anchors = None
+    if cfg.model_dir:  # checked before anything is encoded
+        model = load_model(cfg.model_dir, device=cfg.device)
+        if model.encoders != _encoders(cfg):
+            raise ValueError(
+                f"model_dir={cfg.model_dir} was built with encoders {model.encoders}, but the "
+                f"config's are {_encoders(cfg)}: its anchors and these queries are not comparable"
+            )
+    else:
+        anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
+        grid_values(cfg, len(anchors.captions))  # bad n, k or p fail before any encoding
+        anchor_images, anchor_kept, _ = embedder.images(anchors.images, f"anchors {anchors.name}")
+        anchor_texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}")[
+            anchor_kept
+        ]
+        n = len(anchor_kept) if cfg.asif.n is None else int(_single(cfg.asif.n, "asif.n"))
+        if n > len(anchor_kept):
+            raise ValueError(f"asif.n={n}: only {len(anchor_kept)} anchor pairs are available")
+        model = AsifModel(
+            anchor_images[:n],
+            anchor_texts[:n],
+            [anchors.images.ids[i] for i in anchor_kept[:n]],
+            [anchors.captions[i] for i in anchor_kept[:n]],
+            int(_single(cfg.asif.k, "asif.k")),
+            float(_single(cfg.asif.p, "asif.p")),
+            asif_options(cfg),
+            _encoders(cfg),
+        )
+    benchmark = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    images, kept, _ = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
+    texts, prompt_class = benchmark.prompts()
+    prompts = Prompts(
+        embedder.texts(texts, f"prompts {benchmark.name}"),
+        torch.tensor(prompt_class),
+        benchmark.class_names,
+        texts,
+    )
+    labels = torch.tensor(benchmark.labels)[kept]
+    return Workspace(model, prompts, images, labels, benchmark, kept, anchors, embedder.cached)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(staging)` then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _save_figure(figure: Figure, path: Path) -> None:
+    _write_atomic(path, lambda staging: figure.savefig(staging, format="png", dpi=110))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, lambda staging: staging.write_text(buffer.getvalue()))
+
+
+def render_explanation(
+    explanation: Explanation,
+    query_image: Image.Image,
+    anchor_image: Callable[[str], Image.Image | None],
+    path: Path,
+    top_anchors: int = 6,
+    title: str = "",
+) -> None:
+    """Figure 5 of the paper: the query, the anchor pairs that drove each class, their shares."""
+    classes = explanation.classes[:2]
+    columns = top_anchors + 2
+    figure = Figure(figsize=(1.9 * columns, 3.3 * len(classes)), layout="constrained")
+    grid = figure.add_gridspec(
+        len(classes), columns, width_ratios=[1.3] + [1] * top_anchors + [2.2]
+    )
+    query_axis = figure.add_subplot(grid[:, 0])
+    query_axis.imshow(query_image)
+    query_axis.set_axis_off()
+    truth = ""
+    if explanation.label is not None:  # the true class is always among the explained ones
+        names = {c.class_index: c.class_name for c in explanation.classes}
+        truth = f"\ntrue: {names[explanation.label]}"
+    query_axis.set_title(f"{title}\npredicted: {classes[0].class_name}{truth}", fontsize=9)
+    for row, explained in enumerate(classes):
+        shown = explained.contributions[:top_anchors]
+        for column, contribution in enumerate(shown, start=1):
+            axis = figure.add_subplot(grid[row, column])
+            image = anchor_image(contribution.id)
+            if image is not None:
+                axis.imshow(image)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title(
+                f"#{contribution.anchor}  {contribution.contribution / explained.score:.0%}"
+                if explained.score
+                else f"#{contribution.anchor}",
+                fontsize=7,
+            )
+            axis.set_xlabel(textwrap.fill(contribution.caption, 24)[:140], fontsize=6)
+        bars = figure.add_subplot(grid[row, -1])
+        # Bars for the drawn anchors; the others' share is in the title (it can dwarf them).
+        values = [c.contribution for c in shown]
+        others = len(explained.contributions) - len(shown)
+        rest = explained.score - sum(values)
+        bars.barh(range(len(shown)), values, color="tab:blue")
+        bars.set_yticks(range(len(shown)), [f"#{c.anchor}" for c in shown], fontsize=7)
+        bars.invert_yaxis()
+        bars.tick_params(axis="x", labelsize=7)
+        kind = "winner" if row == 0 else "runner-up"
+        share = f"{others} other anchors: {rest / explained.score:.0%}" if explained.score else ""
+        bars.set_title(
+            f"{kind}: {explained.class_name}, score {explained.score:.4f}\n{share}", fontsize=8
+        )
+    _save_figure(figure, path)
+
+
+def render_coverage(rows: list[dict], path: Path, operating_point: dict | None = None) -> None:
+    figure = Figure(figsize=(5, 3.8), layout="constrained")
+    axis = figure.add_subplot()
+    answered = [r for r in rows if r["accuracy"] is not None]
+    coverage = [r["coverage"] for r in answered]
+    axis.plot(coverage, [r["accuracy"] for r in answered], marker=".", label="accuracy on answered")
+    axis.plot(
+        coverage,
+        [r["accuracy_all"] for r in answered],
+        linestyle="--",
+        label='"unknown" counted wrong',
+    )
+    if operating_point is not None and operating_point["accuracy"] is not None:
+        axis.scatter(
+            [operating_point["coverage"]],
+            [operating_point["accuracy"]],
+            color="red",
+            zorder=3,
+            label=f"threshold {operating_point['threshold']:g}",
+        )
+    axis.set_xlabel("coverage (fraction answered)")
+    axis.set_ylabel("top-1 accuracy")
+    axis.set_xlim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    _save_figure(figure, path)
+
+
+def render_usage(counts: dict[str, torch.Tensor], path: Path) -> None:
+    figure = Figure(figsize=(5, 3.8), layout="constrained")
+    axis = figure.add_subplot()
+    for name, values in counts.items():
+        axis.plot(values.sort(descending=True).values.tolist(), label=name)
+    axis.set_xlabel("anchors, most used first")
+    axis.set_ylabel("queries using the anchor")
+    axis.set_yscale("symlog")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    _save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def _edit(cfg: DictConfig, ws: Workspace) -> tuple[AsifModel, dict | None]:
+    edit = cfg.edit
+    if not (
+        edit.remove_indices
+        or edit.remove_ids
+        or edit.remove_caption_contains
+        or edit.remove_caption_regex
+    ):
+        return ws.model, None
+    before = ws.model.evaluate(ws.image_embeddings, ws.labels, ws.prompts)
+    selection = dict(
+        indices=list(edit.remove_indices),
+        ids=list(edit.remove_ids),
+        caption_contains=edit.remove_caption_contains,
+        caption_regex=edit.remove_caption_regex,
+    )
+    removed = ws.model.matching(**selection)
+    edited, edit_s = _timed(ws.model.remove, **selection)
+    after, evaluate_s = _timed(edited.evaluate, ws.image_embeddings, ws.labels, ws.prompts)
+    report = {
+        **OmegaConf.to_container(edit),
+        "removed": int(removed.sum()),
+        "removed_captions": [ws.model.anchor_captions[i] for i in removed.nonzero().flatten()[:10]],
+        "n_before": ws.model.n,
+        "n_after": edited.n,
+        "top1_before": before["top1"],
+        "top1_after": after["top1"],
+        "predictions_changed": int((before["predictions"] != after["predictions"]).sum()),
+        "edit_s": edit_s,
+        "evaluate_s": evaluate_s,
+    }
+    return edited, report
+
+
+def _explain_query(cfg, ws: Workspace, model: AsifModel, query: int, output_dir: Path) -> dict:
+    row = ws.row_of(query)
+    explanation = explain(model, ws.image_embeddings[row], ws.prompts, int(ws.labels[row]))
+    payload = {"query": query, "image_id": ws.benchmark.images.ids[query], **explanation.to_dict()}
+    write_json_atomic(output_dir / f"explain_q{query}.json", payload)
+    render_explanation(
+        explanation,
+        ws.benchmark.images.load(query),
+        ws.anchor_image,
+        output_dir / f"explain_q{query}.png",
+        cfg.top_anchors,
+        title=f"{ws.benchmark.name} #{query}",
+    )
+    winner = explanation.classes[0]
+    return {
+        "query": query,
+        "label": explanation.label,
+        "predicted": explanation.predicted,
+        "runner_up": explanation.runner_up,
+        "score": winner.score,
+        "anchors_shared_with_winner": len(winner.contributions),
+        "top_anchor": winner.contributions[0].caption if winner.contributions else None,
+    }
+
+
+def _abstain(cfg, ws: Workspace, model: AsifModel, output_dir: Path) -> dict:
+    scores = model.scores(ws.image_embeddings, ws.prompts)
+    rows = coverage_curve(scores, ws.labels, num=cfg.abstain.num_thresholds)
+    threshold = cfg.abstain.threshold
+    at = coverage_curve(scores, ws.labels, [threshold])[0] if threshold is not None else None
+    if at is not None:
+        rows = [rows[0], *sorted([*rows[1:], at], key=lambda r: r["threshold"])]
+    write_csv(rows, output_dir / "abstain.csv")
+    render_coverage(rows, output_dir / "abstain.png", at)
+    return {"no_threshold": rows[0], "at_threshold": at}
+
+
+def _usage(ws: Workspace, model: AsifModel, output_dir: Path) -> dict:
+    usage = anchor_usage(model, ws.image_embeddings, ws.prompts)
+    write_csv(
+        [
+            {
+                "anchor": i,
+                "id": model.anchor_ids[i],
+                "caption": model.anchor_captions[i],
+                "image_topk": int(usage.image_topk[i]),
+                "explanation": int(usage.explanation[i]),
+                "prompt_topk": int(usage.prompt_topk[i]),
+            }
+            for i in range(model.n)
+        ],
+        output_dir / "anchor_usage.csv",
+    )
+    render_usage(
+        {"in a query's top-k": usage.image_topk, "in an explanation": usage.explanation},
+        output_dir / "anchor_usage.png",
+    )
+    before = model.evaluate(ws.image_embeddings, ws.labels, ws.prompts)
+    pruned = prune_unused(model, usage.image_topk)
+    after = pruned.evaluate(ws.image_embeddings, ws.labels, ws.prompts)
+    # The honest version: count usage on half the queries, measure on the other half.
+    fit, held_out = torch.arange(0, len(ws.labels), 2), torch.arange(1, len(ws.labels), 2)
+    report = {
+        **usage.summary(),
+        "prune_never_in_topk": {
+            "n_before": model.n,
+            "n_after": pruned.n,
+            "memory_mb_before": model.memory_bytes() / 2**20,
+            "memory_mb_after": pruned.memory_bytes() / 2**20,
+            "top1_before": before["top1"],
+            "top1_after": after["top1"],
+        },
+    }
+    if len(held_out):
+        fit_usage = anchor_usage(model, ws.image_embeddings[fit], ws.prompts)
+        pruned_fit = prune_unused(model, fit_usage.image_topk)
+        evaluate = [
+            m.evaluate(ws.image_embeddings[held_out], ws.labels[held_out], ws.prompts)
+            for m in (model, pruned_fit)
+        ]
+        report["prune_held_out"] = {
+            "usage_from": "even-indexed queries",
+            "measured_on": "odd-indexed queries",
+            "n_after": pruned_fit.n,
+            "unused_in_fit": usage_summary(fit_usage.image_topk)["unused"],
+            "top1_before": evaluate[0]["top1"],
+            "top1_after": evaluate[1]["top1"],
+        }
+    return report
+
+
+def explain_main(cfg: DictConfig) -> dict:
+    """The whole job as a plain function (Hydra only composes the config)."""
+    output_dir = Path(cfg.paths.output_dir)
+    ws = load_workspace(cfg)
+    model, edit_report = _edit(cfg, ws)
+    base = model.evaluate(ws.image_embeddings, ws.labels, ws.prompts)
+    results: dict = {
+        "format_version": EXPLAIN_FORMAT,
+        "model": {
+            "n": model.n,
+            "k": model.k,
+            "p": model.p,
+            "options": model.options.to_dict(),
+            "encoders": model.encoders,
+            "memory_mb": model.memory_bytes() / 2**20,
+        },
+        "benchmark": {
+            "name": ws.benchmark.name,
+            "images_used": len(ws.kept),
+            "class_names": ws.benchmark.class_names,
+        },
+        "top1": base["top1"],
+        "top5": base["top5"],
+        "no_overlap_fraction": base["no_overlap_fraction"],
+        "embeddings_from_cache": ws.from_cache,
+        "edit": edit_report,
+        "queries": [_explain_query(cfg, ws, model, int(q), output_dir) for q in as_list(cfg.query)],
+        "abstain": _abstain(cfg, ws, model, output_dir),
+        "usage": _usage(ws, model, output_dir) if cfg.usage else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if cfg.save_model:
+        results["model_dir"] = str(model.save(output_dir / "model", overwrite=True))
+    write_json_atomic(output_dir / "explain_results.json", results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="explain")
+def main(cfg: DictConfig) -> None:
+    results = explain_main(cfg)
+    for q in results["queries"]:
+        names = results["benchmark"]["class_names"]
+        log.info(
+            "query %d: true %s, predicted %s (runner-up %s), %d anchors shared; top anchor: %s",
+            q["query"],
+            names[q["label"]],
+            names[q["predicted"]],
+            names[q["runner_up"]] if q["runner_up"] is not None else "-",
+            q["anchors_shared_with_winner"],
+            q["top_anchor"],
+        )
+    log.info("top-1 %.4f; outputs in %s", results["top1"], cfg.paths.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,654 @@
+"""What only a memory-based model can do: explain, edit, abstain, count anchor usage, save/load.
+
+An ASIF model is nothing but its anchor pairs (embedded by two frozen encoders) plus k, p and
+the options. So a prediction can be traced to the anchor pairs behind it, pairs can be removed
+or added without retraining, and a query that shares no anchor with any prompt can say
+"unknown". Everything here works on embeddings (from the cache); plots and the Hydra entry
+point live in `asif_exp.explain`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from asif_exp.engine import (
+    AsifOptions,
+    accuracy_metrics,
+    check_embeddings,
+    class_representation,
+    relative_representation,
+    sparse_scores,
+    streaming_topk,
+    unit_rows,
+)
+
+UNKNOWN = -1  # the prediction of an abstaining model
+MODEL_FORMAT = "asif_model"
+MODEL_FORMAT_VERSION = 1
+MODEL_META = "model.json"
+MODEL_TENSORS = "anchors.safetensors"
+MODEL_PAIRS = "anchors.jsonl"
+
+
+class ModelFormatError(ValueError):
+    """A saved model directory that is missing, damaged or of an unknown format."""
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """A zero-shot task: the embedded prompts, the class of each, and the class names."""
+
+    embeddings: Tensor  # (prompts, d_text)
+    prompt_class: Tensor  # (prompts,) int64
+    class_names: list[str]
+    texts: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class Scored:
+    """One scoring pass, kept whole so that explanations and usage can look inside it."""
+
+    image_rr: Tensor  # sparse CSR (queries x n)
+    targets: Tensor  # sparse CSR (targets x n): class means ("mean") or prompts ("max")
+    target_class: Tensor  # (targets,) class of each target row
+    target_scores: Tensor  # (queries x targets)
+    scores: Tensor  # (queries x classes)
+
+    def best_target(self, classes: Tensor) -> Tensor:
+        """For each query, the best-scoring target row of `classes[query]` (lowest on ties)."""
+        in_class = self.target_class[None, :] == classes[:, None]
+        return self.target_scores.masked_fill(~in_class, -torch.inf).argmax(dim=1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class AsifModel:
+    """Anchor pairs plus k, p and options: everything an ASIF classifier is.
+
+    Edits return a new model; a model is never changed in place.
+    """
+
+    anchor_image_embeddings: Tensor  # (n, d_image)
+    anchor_text_embeddings: Tensor  # (n, d_text)
+    anchor_ids: list[str]  # image id of each pair (repeats allowed: one image, many captions)
+    anchor_captions: list[str]
+    k: int
+    p: float
+    options: AsifOptions = field(default_factory=AsifOptions)
+    encoders: dict = field(default_factory=dict)  # {"vision": identity, "text": identity}
+
+    def __post_init__(self) -> None:
+        n_image, n_text = len(self.anchor_image_embeddings), len(self.anchor_text_embeddings)
+        if not n_image == n_text == len(self.anchor_ids) == len(self.anchor_captions):
+            raise ValueError(
+                f"anchor pairs mismatch: {n_image} image embeddings, {n_text} text embeddings, "
+                f"{len(self.anchor_ids)} ids, {len(self.anchor_captions)} captions"
+            )
+        check_embeddings("anchor image embeddings", self.anchor_image_embeddings)
+        check_embeddings("anchor text embeddings", self.anchor_text_embeddings)
+        if not 1 <= self.k <= self.n:
+            raise ValueError(f"k={self.k}: must be between 1 and the model's n={self.n} anchors")
+        if not self.p > 0:
+            raise ValueError(f"p={self.p}: must be positive")
+
+    @property
+    def n(self) -> int:
+        return len(self.anchor_captions)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the anchor memory: both embedding matrices plus ids and captions."""
+        tensors = sum(
+            t.numel() * t.element_size()
+            for t in (self.anchor_image_embeddings, self.anchor_text_embeddings)
+        )
+        return tensors + sum(len(s.encode()) for s in self.anchor_ids + self.anchor_captions)
+
+    # -- scoring --------------------------------------------------------------------------
+
+    @cached_property
+    def _unit_anchor_images(self) -> Tensor:
+        return unit_rows(self.anchor_image_embeddings)
+
+    @cached_property
+    def _unit_anchor_texts(self) -> Tensor:
+        return unit_rows(self.anchor_text_embeddings)
+
+    def _rr(self, queries: Tensor, unit_anchors: Tensor, normalize: bool, what: str) -> Tensor:
+        check_embeddings(what, queries)
+        top = streaming_topk(
+            unit_rows(queries), unit_anchors, [self.n], self.k, self.options, progress=False
+        )[self.n]
+        return relative_representation(top, self.k, self.p, self.options.clamp_negative, normalize)
+
+    def image_representations(self, image_embeddings: Tensor) -> Tensor:
+        """Sparse CSR (images x n) relative representations."""
+        normalize = self.options.normalize == "both"
+        return self._rr(image_embeddings, self._unit_anchor_images, normalize, "image embeddings")
+
+    def prompt_representations(self, prompt_embeddings: Tensor) -> Tensor:
+        normalize = self.options.normalize in ("both", "prompt")
+        return self._rr(prompt_embeddings, self._unit_anchor_texts, normalize, "prompt embeddings")
+
+    def score(self, image_embeddings: Tensor, prompts: Prompts) -> Scored:
+        """Scores as `engine.class_scores` computes them, with the intermediate parts kept."""
+        image_rr = self.image_representations(image_embeddings)
+        prompt_rr = self.prompt_representations(prompts.embeddings)
+        prompt_class = prompts.prompt_class.long()
+        if self.options.template_aggregation == "mean":
+            normalize = self.options.normalize in ("both", "prompt")
+            targets = class_representation(prompt_rr, prompt_class, prompts.num_classes, normalize)
+            target_class = torch.arange(prompts.num_classes)
+        else:  # "max": a class scores as its best prompt
+            targets, target_class = prompt_rr, prompt_class
+        target_scores = sparse_scores(image_rr, targets, self.options)
+        scores = torch.full((len(target_scores), prompts.num_classes), -torch.inf).scatter_reduce(
+            1, target_class.expand(len(target_scores), -1), target_scores, reduce="amax"
+        )
+        return Scored(image_rr, targets, target_class, target_scores, scores)
+
+    def scores(self, image_embeddings: Tensor, prompts: Prompts) -> Tensor:
+        """(images x classes) zero-shot scores."""
+        return self.score(image_embeddings, prompts).scores
+
+    def predict(self, image_embeddings: Tensor, prompts: Prompts) -> Tensor:
+        return self.scores(image_embeddings, prompts).argmax(dim=1)
+
+    def evaluate(self, image_embeddings: Tensor, labels: Tensor, prompts: Prompts) -> dict:
+        """top-1, top-5, per-class accuracy and predictions (as `engine.accuracy_metrics`)."""
+        scores = self.scores(image_embeddings, prompts)
+        metrics = accuracy_metrics(scores, labels.long(), prompts.num_classes)
+        metrics["no_overlap_fraction"] = float(no_overlap(scores).float().mean())
+        return metrics
+
+    # -- editing --------------------------------------------------------------------------
+
+    def matching(
+        self,
+        indices: Sequence[int] = (),
+        ids: Sequence[str] = (),
+        caption_contains: str | None = None,
+        caption_regex: str | None = None,
+    ) -> Tensor:
+        """Boolean mask of the anchor pairs selected by any of the given criteria."""
+        mask = torch.zeros(self.n, dtype=torch.bool)
+        for index in indices:
+            if not -self.n <= index < self.n:
+                raise IndexError(f"anchor index {index} out of range for n={self.n} anchors")
+            mask[index] = True
+        if ids:
+            wanted = set(ids)
+            unknown = wanted - set(self.anchor_ids)
+            if unknown:
+                raise KeyError(f"anchor ids not in the model: {sorted(unknown)[:5]}")
+            mask |= torch.tensor([i in wanted for i in self.anchor_ids], dtype=torch.bool)
+        if caption_contains is not None:
+            mask |= torch.tensor([caption_contains in c for c in self.anchor_captions])
+        if caption_regex is not None:
+            try:
+                pattern = re.compile(caption_regex)
+            except re.error as error:
+                raise ValueError(f"caption regex {caption_regex!r}: {error}") from None
+            mask |= torch.tensor([bool(pattern.search(c)) for c in self.anchor_captions])
+        return mask
+
+    def keep(self, mask: Tensor) -> AsifModel:
+        """A model with only the pairs where `mask` is true (order kept)."""
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if mask.shape != (self.n,):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} for n={self.n} anchors")
+        left = int(mask.sum())
+        if left < self.k:
+            raise ValueError(f"the edit leaves {left} anchor pairs, fewer than k={self.k}")
+        rows = mask.nonzero().flatten()
+        return AsifModel(
+            self.anchor_image_embeddings[rows],
+            self.anchor_text_embeddings[rows],
+            [self.anchor_ids[i] for i in rows.tolist()],
+            [self.anchor_captions[i] for i in rows.tolist()],
+            self.k,
+            self.p,
+            self.options,
+            self.encoders,
+        )
+
+    def remove(
+        self,
+        indices: Sequence[int] = (),
+        ids: Sequence[str] = (),
+        caption_contains: str | None = None,
+        caption_regex: str | None = None,
+    ) -> AsifModel:
+        """Drop the selected pairs. Selecting nothing is an error (most likely a typo)."""
+        mask = self.matching(indices, ids, caption_contains, caption_regex)
+        if not bool(mask.any()):
+            raise ValueError(
+                f"no anchor pair matches indices={list(indices)}, ids={list(ids)}, "
+                f"caption_contains={caption_contains!r}, caption_regex={caption_regex!r}"
+            )
+        return self.keep(~mask)
+
+    def add(
+        self,
+        image_embeddings: Tensor,
+        text_embeddings: Tensor,
+        ids: Sequence[str],
+        captions: Sequence[str],
+    ) -> AsifModel:
+        """Append pairs embedded by the same encoders; pairs already held are refused."""
+        for name, new, old in [
+            ("image", image_embeddings, self.anchor_image_embeddings),
+            ("text", text_embeddings, self.anchor_text_embeddings),
+        ]:
+            if new.ndim != 2 or new.shape[1] != old.shape[1]:
+                raise ValueError(
+                    f"new {name} embeddings of shape {tuple(new.shape)}: the model's are "
+                    f"{old.shape[1]}-d"
+                )
+        existing = set(zip(self.anchor_ids, self.anchor_captions, strict=True))
+        repeated = [pair for pair in zip(ids, captions, strict=False) if pair in existing]
+        if repeated:
+            raise ValueError(f"{len(repeated)} pairs already in the model, e.g. {repeated[0]}")
+        return AsifModel(
+            torch.cat([self.anchor_image_embeddings, image_embeddings.float()]),
+            torch.cat([self.anchor_text_embeddings, text_embeddings.float()]),
+            self.anchor_ids + list(ids),
+            self.anchor_captions + list(captions),
+            self.k,
+            self.p,
+            self.options,
+            self.encoders,
+        )
+
+    # -- artifact -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the model as a directory, atomically: a reader sees all of it or none."""
+        return save_model(self, directory, overwrite)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | None = None) -> AsifModel:
+        return load_model(directory, device)
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+@dataclass
+class Contribution:
+    anchor: int  # position in the model
+    id: str
+    caption: str
+    image_value: float  # the query's relative-representation entry
+    class_value: float  # the class's (or its best prompt's) entry
+    contribution: float  # their product; a class's contributions sum to its score
+
+
+@dataclass
+class ClassExplanation:
+    class_index: int
+    class_name: str
+    score: float
+    target: str  # what the image was compared with: the class mean, or the best prompt
+    contributions: list[Contribution]  # every shared anchor, largest contribution first
+
+
+@dataclass
+class Explanation:
+    predicted: int
+    runner_up: int | None
+    label: int | None
+    no_overlap: bool  # the query shares no anchor with any prompt: every score is 0
+    classes: list[ClassExplanation]  # predicted, runner-up, then the true class if neither
+    anchors_in_query: int  # non-zero entries of the query's representation
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _row(matrix: Tensor, row: int) -> tuple[Tensor, Tensor]:
+    """(column ids, values) of one row of a sparse CSR matrix."""
+    crow = matrix.crow_indices()
+    lo, hi = int(crow[row]), int(crow[row + 1])
+    return matrix.col_indices()[lo:hi], matrix.values()[lo:hi]
+
+
+def _explain_class(model, scored, query, c, prompts) -> ClassExplanation:
+    target = int(scored.best_target(torch.full((len(scored.scores),), c))[query])
+    image_ids, image_values = _row(scored.image_rr, query)
+    target_ids, target_values = _row(scored.targets, target)
+    dense_target = torch.zeros(model.n, dtype=target_values.dtype)
+    dense_target[target_ids] = target_values
+    shared = dense_target[image_ids] != 0
+    ids, image_values = image_ids[shared], image_values[shared]
+    class_values = dense_target[ids]
+    products = image_values * class_values
+    order = products.argsort(descending=True, stable=True)
+    if model.options.template_aggregation == "mean":
+        what = "mean of the class's prompts"
+    else:
+        what = prompts.texts[target] if prompts.texts else f"prompt {target}"
+    return ClassExplanation(
+        class_index=c,
+        class_name=prompts.class_names[c],
+        score=float(scored.scores[query, c]),
+        target=what,
+        contributions=[
+            Contribution(
+                anchor=int(ids[i]),
+                id=model.anchor_ids[int(ids[i])],
+                caption=model.anchor_captions[int(ids[i])],
+                image_value=float(image_values[i]),
+                class_value=float(class_values[i]),
+                contribution=float(products[i]),
+            )
+            for i in order.tolist()
+        ],
+    )
+
+
+def explain(
+    model: AsifModel, image_embedding: Tensor, prompts: Prompts, label: int | None = None
+) -> Explanation:
+    """The anchor pairs behind one query's prediction and its runner-up.
+
+    A class's score is the dot product of two sparse vectors, so it splits exactly over the
+    anchors that are non-zero in both: those are the pairs that drove the prediction.
+    """
+    query = image_embedding.reshape(1, -1)
+    scored = model.score(query, prompts)
+    scores = scored.scores[0]
+    # Class order as argmax breaks ties: higher score first, then lower class index.
+    ranked = sorted(range(len(scores)), key=lambda c: (-float(scores[c]), c))
+    shown = ranked[:2] + ([label] if label is not None and label not in ranked[:2] else [])
+    return Explanation(
+        predicted=ranked[0],
+        runner_up=ranked[1] if len(ranked) > 1 else None,
+        label=label,
+        no_overlap=bool(no_overlap(scored.scores)[0]),
+        classes=[_explain_class(model, scored, 0, c, prompts) for c in shown],
+        anchors_in_query=int(scored.image_rr.values().ne(0).sum()),
+    )
+
+
+# ----------------------------------------------------------------------------- abstain
+
+
+def no_overlap(scores: Tensor) -> Tensor:
+    """Queries whose top-k anchors share none with any prompt's: every score is exactly 0."""
+    return (scores == 0).all(dim=1)
+
+
+def abstain(scores: Tensor, threshold: float | None = None) -> Tensor:
+    """Predictions, with `UNKNOWN` where nothing overlaps or the best score is under `threshold`."""
+    best, predictions = scores.max(dim=1)
+    unknown = no_overlap(scores)
+    if threshold is not None:
+        unknown |= best < threshold
+    return predictions.masked_fill(unknown, UNKNOWN)
+
+
+def coverage_curve(
+    scores: Tensor, labels: Tensor, thresholds: Sequence[float | None] | None = None, num: int = 50
+) -> list[dict]:
+    """Accuracy on the answered queries, against coverage, as the abstention threshold moves.
+
+    Default thresholds: none (only no-overlap queries abstain), then quantiles of the best
+    scores, so coverage runs from full to ~0. `accuracy` counts only answered queries (None
+    when none is answered); `accuracy_all` counts "unknown" as wrong.
+    """
+    best = scores.max(dim=1).values
+    if thresholds is None:
+        quantiles = torch.linspace(0, 1, num, dtype=torch.double)
+        thresholds = [None, *sorted(set(torch.quantile(best.double(), quantiles).tolist()))]
+    rows = []
+    for threshold in thresholds:
+        predictions = abstain(scores, threshold)
+        answered = predictions != UNKNOWN
+        correct = int((predictions[answered] == labels[answered]).sum())
+        covered = int(answered.sum())
+        rows.append(
+            {
+                "threshold": None if threshold is None else float(threshold),
+                "coverage": covered / len(labels),
+                "accuracy": correct / covered if covered else None,
+                "accuracy_all": correct / len(labels),
+                "answered": covered,
+                "correct": correct,
+                "no_overlap": int(no_overlap(scores).sum()),
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- anchor usage
+
+
+@dataclass
+class AnchorUsage:
+    """How many queries (or prompts) use each anchor."""
+
+    image_topk: Tensor  # (n,) queries whose top-k includes the anchor
+    prompt_topk: Tensor  # (n,) prompts whose top-k includes it
+    explanation: Tensor  # (n,) queries whose predicted-class score it contributes to
+    queries: int
+
+    def summary(self) -> dict:
+        return {
+            "queries": self.queries,
+            "image_topk": usage_summary(self.image_topk),
+            "explanation": usage_summary(self.explanation),
+            "prompt_topk": usage_summary(self.prompt_topk),
+            "used_by_images_or_prompts": int(((self.image_topk + self.prompt_topk) > 0).sum()),
+        }
+
+
+def anchor_usage(model: AsifModel, image_embeddings: Tensor, prompts: Prompts) -> AnchorUsage:
+    scored = model.score(image_embeddings, prompts)
+    image = scored.image_rr.to_sparse_coo().coalesce()
+    query_of, anchor_of = image.indices()
+    nonzero = image.values() != 0
+    image_topk = torch.bincount(anchor_of[nonzero], minlength=model.n)
+    prompt_rr = model.prompt_representations(prompts.embeddings)
+    prompt_topk = torch.bincount(
+        prompt_rr.col_indices()[prompt_rr.values() != 0], minlength=model.n
+    )
+    # An anchor explains query i when it is non-zero in both i's representation and the
+    # representation of i's predicted class (its best prompt under "max").
+    winners = scored.best_target(scored.scores.argmax(dim=1))
+    targets = scored.targets.to_sparse_coo().coalesce()
+    target_keys = targets.indices()[0] * model.n + targets.indices()[1]
+    target_keys = target_keys[targets.values() != 0]
+    query_keys = winners[query_of] * model.n + anchor_of
+    shared = torch.isin(query_keys, target_keys) & nonzero
+    explanation = torch.bincount(anchor_of[shared], minlength=model.n)
+    return AnchorUsage(image_topk, prompt_topk, explanation, len(image_embeddings))
+
+
+def usage_summary(counts: Tensor) -> dict:
+    """Shape of a usage distribution: how many anchors are used, how concentrated the use is."""
+    counts = counts.double()
+    total = float(counts.sum())
+    ordered = counts.sort(descending=True).values
+    top_decile = ordered[: max(1, math.ceil(len(ordered) / 10))].sum()
+    # Gini coefficient: 0 when every anchor is used equally, towards 1 when a few take all.
+    ascending = ordered.flip(0)
+    ranks = torch.arange(1, len(counts) + 1, dtype=torch.double)
+    gini = (
+        float(((2 * ranks - len(counts) - 1) * ascending).sum() / (len(counts) * total))
+        if total
+        else 0.0
+    )
+    quantiles = torch.quantile(counts, torch.tensor([0.5, 0.9, 0.99], dtype=torch.double)).tolist()
+    return {
+        "anchors": len(counts),
+        "used": int((counts > 0).sum()),
+        "unused": int((counts == 0).sum()),
+        "unused_fraction": float((counts == 0).double().mean()),
+        "total_uses": int(total),
+        "max": int(ordered[0]),
+        "median": quantiles[0],
+        "p90": quantiles[1],
+        "p99": quantiles[2],
+        "top10pct_share": float(top_decile / total) if total else 0.0,
+        "gini": gini,
+    }
+
+
+def prune_unused(model: AsifModel, counts: Tensor) -> AsifModel:
+    """The model without the anchors whose count is 0."""
+    if not bool((counts > 0).any()):
+        raise ValueError("no anchor is used: pruning would leave an empty model")
+    return model.keep(counts > 0)
+
+
+# ----------------------------------------------------------------------------- artifact
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(model: AsifModel, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write `model` as a directory: anchors.safetensors, anchors.jsonl, model.json.
+
+    Written into a staging directory beside the target and renamed into place, so a crash
+    leaves either the old directory or the new one, never a mix.
+    """
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.staging-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        tensors = staging / MODEL_TENSORS
+        save_file(
+            {
+                "anchor_image_embeddings": model.anchor_image_embeddings.float().contiguous(),
+                "anchor_text_embeddings": model.anchor_text_embeddings.float().contiguous(),
+            },
+            str(tensors),
+        )
+        pairs = staging / MODEL_PAIRS
+        with pairs.open("w", encoding="utf-8") as handle:
+            for anchor_id, caption in zip(model.anchor_ids, model.anchor_captions, strict=True):
+                handle.write(json.dumps({"id": anchor_id, "caption": caption}) + "\n")
+        meta = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "n": model.n,
+            "k": model.k,
+            "p": model.p,
+            "options": model.options.to_dict(),
+            "encoders": model.encoders,
+            "image_dim": model.anchor_image_embeddings.shape[1],
+            "text_dim": model.anchor_text_embeddings.shape[1],
+            "files": {
+                name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+                for name in (MODEL_TENSORS, MODEL_PAIRS)
+            },
+        }
+        (staging / MODEL_META).write_text(json.dumps(meta, indent=1))
+        if directory.exists():  # overwrite: move the old one aside, then swap
+            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_model(directory: str | Path, device: str | None = None) -> AsifModel:
+    """Read a model directory, checking format, version, checksums, shapes and counts.
+
+    `device` replaces the saved `options.device` (a model saved on a GPU machine runs anywhere).
+    """
+    directory = Path(directory)
+
+    def fail(problem: str) -> ModelFormatError:
+        return ModelFormatError(f"ASIF model {directory}: {problem}")
+
+    meta_path = directory / MODEL_META
+    if not meta_path.is_file():
+        raise fail(f"no {MODEL_META} (not a saved ASIF model, or an incomplete copy)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise fail(f"{MODEL_META} is not valid JSON ({error})") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise fail(f"{MODEL_META} has format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    if meta.get("format_version") != MODEL_FORMAT_VERSION:
+        raise fail(
+            f"format version {meta.get('format_version')!r}; this asif_exp reads version "
+            f"{MODEL_FORMAT_VERSION}"
+        )
+    missing = {"n", "k", "p", "options", "encoders", "image_dim", "text_dim", "files"} - set(meta)
+    if missing:
+        raise fail(f"{MODEL_META} lacks {sorted(missing)}")
+    for name in (MODEL_TENSORS, MODEL_PAIRS):
+        path, expected = directory / name, meta["files"].get(name, {})
+        if not path.is_file():
+            raise fail(f"{name} is missing")
+        if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+            raise fail(f"{name} does not match its recorded size and sha256 (damaged or edited)")
+    tensors = load_file(str(directory / MODEL_TENSORS))
+    if set(tensors) != {"anchor_image_embeddings", "anchor_text_embeddings"}:
+        raise fail(f"{MODEL_TENSORS} holds tensors {sorted(tensors)}")
+    images, texts = tensors["anchor_image_embeddings"], tensors["anchor_text_embeddings"]
+    expected_shapes = {
+        "image": (meta["n"], meta["image_dim"]),
+        "text": (meta["n"], meta["text_dim"]),
+    }
+    for side, tensor in (("image", images), ("text", texts)):
+        if tuple(tensor.shape) != expected_shapes[side]:
+            raise fail(
+                f"anchor {side} embeddings have shape {tuple(tensor.shape)}, "
+                f"{MODEL_META} says {expected_shapes[side]}"
+            )
+    pairs = [
+        json.loads(line)
+        for line in (directory / MODEL_PAIRS).read_text(encoding="utf-8").splitlines()
+    ]
+    if len(pairs) != meta["n"]:
+        raise fail(f"{MODEL_PAIRS} holds {len(pairs)} pairs, {MODEL_META} says n={meta['n']}")
+    options = {**meta["options"], **({"device": device} if device else {})}
+    try:
+        return AsifModel(
+            images,
+            texts,
+            [r["id"] for r in pairs],
+            [r["caption"] for r in pairs],
+            int(meta["k"]),
+            float(meta["p"]),
+            AsifOptions(**options),
+            meta["encoders"],
+        )
+    except (TypeError, ValueError) as error:
+        raise fail(str(error)) from None

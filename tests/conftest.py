@@ -1,0 +1,57 @@
+"""Shared fixtures: the real Hydra config composed with tiny sizes, and the local data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+import asif_exp.config  # noqa: F401  (registers the schemas)
+
+# Tests never reach a model or dataset hub, and W&B never uploads.
+for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(variable, "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+SHARED_DATA = Path(os.environ.get("ASIF_DATA_ROOT", PROJECT_ROOT.parent / "shared" / "data"))
+
+# The embedded default at a size that encodes in seconds on a 2-core CPU.
+TINY = [
+    "anchors.num_samples=150",
+    "benchmark.num_samples=60",
+    "anchors.image_size=96",
+    "benchmark.image_size=96",
+    "encoder.vision.resize_size=96",
+    "encoder.vision.crop_size=96",
+    "asif.k=20",
+    "asif.p=2",
+    "progress=false",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The real config from conf/, as `python -m asif_exp <overrides>` would compose it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def require_shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"local data not found at {path} (set ASIF_DATA_ROOT to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory) -> Path:
+    """One embedding cache for the whole session, so each tiny dataset is encoded once."""
+    return tmp_path_factory.mktemp("cache")

@@ -1,0 +1,157 @@
+"""Loaders: the embedded synthetic set, generic files, HF datasets and the local real data."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from asif_exp.data import DataError, _balanced_subset, load_anchors, load_benchmark
+from asif_exp.synthetic import SHAPES, SyntheticShapes
+
+from conftest import SHARED_DATA, compose_config, require_shared_data
+
+
+def cfg_of(group: str, option: str, **changes):
+    node = compose_config([f"{group}={option}"])[group]
+    return OmegaConf.merge(node, changes)
+
+
+def write_images(folder, names, size=16):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (size, size), (i * 40 % 255, 10, 200)).save(folder / name)
+
+
+def test_synthetic_is_seeded_and_disjoint():
+    a = SyntheticShapes(0, 0, 30, 64, "shape")
+    b = SyntheticShapes(0, 0, 30, 64, "shape")
+    assert a.captions == b.captions and a.load(3).tobytes() == b.load(3).tobytes()
+    bench = SyntheticShapes(0, 1_000_000, 30, 64, "shape")
+    assert not set(a.ids) & set(bench.ids)
+    assert set(bench.labels) <= set(range(len(SHAPES)))
+    for caption, item in zip(a.captions, a.samples, strict=True):
+        assert item.shape in caption and item.colour in caption
+
+
+def test_synthetic_anchors_and_benchmark_from_config():
+    anchors = load_anchors(cfg_of("anchors", "synthetic_shapes", num_samples=12), "/nonexistent")
+    bench = load_benchmark(cfg_of("benchmark", "synthetic_shapes", num_samples=10), "/nonexistent")
+    assert len(anchors.captions) == 12 and len(bench.labels) == 10
+    prompts, classes = bench.prompts()
+    assert len(prompts) == len(bench.class_names) * len(bench.templates)
+    assert classes[: len(bench.templates)] == [0] * len(bench.templates)  # class-major
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_pairs_file_loader(tmp_path, suffix):
+    write_images(tmp_path / "img", ["a.png", "b.png"])
+    rows = [{"image": "img/a.png", "caption": "a dog"}, {"image": "img/b.png", "caption": "a cat"},
+            {"image": "img/a.png", "caption": "a brown dog"}]
+    path = tmp_path / f"pairs.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        path.write_text("image,caption\n" + "\n".join(f"{r['image']},{r['caption']}" for r in rows))
+    anchors = load_anchors(cfg_of("anchors", "pairs_file", path=str(path), loader=suffix), str(tmp_path))
+    assert anchors.captions == ["a dog", "a cat", "a brown dog"]
+    assert anchors.images.ids == ["img/a.png", "img/b.png", "img/a.png"]
+    assert anchors.images.load(1).size == (16, 16)
+    limited = load_anchors(cfg_of("anchors", "pairs_file", path=str(path), loader=suffix, limit=2), "/")
+    assert len(limited.captions) == 2
+
+
+def test_pairs_file_errors_name_the_problem(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"image": "x.png", "caption": "hi"}\n{not json}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 2"):
+        load_anchors(cfg_of("anchors", "pairs_file", path=str(path)), str(tmp_path))
+    path.write_text('{"image": "missing.png", "caption": "hi"}\n')
+    with pytest.raises(DataError, match="image file not found: .*missing.png"):
+        load_anchors(cfg_of("anchors", "pairs_file", path=str(path)), str(tmp_path))
+    write_images(tmp_path, ["x.png"])
+    path.write_text('{"image": "x.png", "caption": "  "}\n')
+    with pytest.raises(DataError, match="caption of pair 0 .*is empty"):
+        load_anchors(cfg_of("anchors", "pairs_file", path=str(path)), str(tmp_path))
+    path.write_text('{"image": "x.png", "text": "hi"}\n')
+    with pytest.raises(DataError, match="no 'caption' field"):
+        load_anchors(cfg_of("anchors", "pairs_file", path=str(path)), str(tmp_path))
+
+
+def test_missing_data_says_what_and_where(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}/coco_mini/captions.jsonl does not exist.*ASIF_DATA_ROOT"):
+        load_anchors(cfg_of("anchors", "coco_mini"), str(tmp_path))
+    with pytest.raises(DataError, match="cifar10_test does not exist"):
+        load_benchmark(cfg_of("benchmark", "cifar10"), str(tmp_path))
+
+
+def test_image_folder_loader(tmp_path):
+    write_images(tmp_path / "bench" / "sea_lion", ["1.png", "2.png"])
+    write_images(tmp_path / "bench" / "cat", ["1.png"])
+    bench = load_benchmark(cfg_of("benchmark", "image_folder", root="bench"), str(tmp_path))
+    assert bench.class_names == ["cat", "sea lion"]
+    assert bench.labels == [0, 1, 1] and bench.images.ids[0] == "cat/1.png"
+    with pytest.raises(DataError, match="match no class of cifar10"):
+        load_benchmark(cfg_of("benchmark", "image_folder", root="bench", class_names="cifar10"), str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_benchmark(cfg_of("benchmark", "image_folder", root="empty"), str(tmp_path))
+
+
+def test_hf_datasets_loader_from_local_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(4)]
+    features = datasets.Features({
+        "image": datasets.Image(), "caption": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=["red", "dark"]),
+    })
+    data = datasets.Dataset.from_dict(
+        {"image": images, "caption": [f"shade {i}" for i in range(4)], "label": [1, 1, 0, 0]}, features=features
+    )
+    data.save_to_disk(str(tmp_path / "hf"))
+    anchors = load_anchors(cfg_of("anchors", "hf", path=str(tmp_path / "hf")), str(tmp_path))
+    assert anchors.captions[2] == "shade 2" and anchors.images.load(2).size == (8, 8)
+    bench = load_benchmark(cfg_of("benchmark", "hf", root=str(tmp_path / "hf")), str(tmp_path))
+    assert bench.class_names == ["red", "dark"] and bench.labels == [1, 1, 0, 0]
+    with pytest.raises(DataError, match="no column 'picture'"):
+        load_anchors(cfg_of("anchors", "hf", path=str(tmp_path / "hf"), image_column="picture"), "/")
+
+
+def test_empty_class_list_is_an_error(tmp_path):
+    write_images(tmp_path / "bench" / "cat", ["1.png"])
+    cfg = cfg_of("benchmark", "hf", root=str(tmp_path / "none"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_benchmark(cfg, str(tmp_path))
+    from asif_exp.data import Benchmark
+
+    with pytest.raises(DataError, match="class list is empty"):
+        Benchmark("b", load_benchmark(cfg_of("benchmark", "image_folder", root="bench"), str(tmp_path)).images,
+                  [0], [], ["a {}."])
+
+
+def test_balanced_subset_is_balanced_and_seeded():
+    labels = [i % 4 for i in range(400)]
+    subset = _balanced_subset(labels, 40, seed=3)
+    assert subset == sorted(subset) and len(set(subset)) == 40
+    assert [sum(labels[i] == c for i in subset) for c in range(4)] == [10] * 4
+    assert subset == _balanced_subset(labels, 40, seed=3) != _balanced_subset(labels, 40, seed=4)
+
+
+def test_local_coco_mini_anchors():
+    require_shared_data("coco_mini", "captions.jsonl")
+    anchors = load_anchors(cfg_of("anchors", "coco_mini"), str(SHARED_DATA))
+    assert len(anchors.captions) == 1195 and len(set(anchors.images.ids)) == 239
+
+
+def test_local_cifar10_benchmark():
+    require_shared_data("cifar10_test")
+    bench = load_benchmark(cfg_of("benchmark", "cifar10", subset=200), str(SHARED_DATA))
+    assert len(bench.labels) == 200 and bench.class_names[0] == "airplane"
+    assert all(bench.class_names[y] in bench.images.ids[i].replace("_", " ")
+               for i, y in enumerate(bench.labels))
+
+
+def test_local_imagenet_mini_benchmark():
+    require_shared_data("imagenet_mini", "labels.csv")
+    bench = load_benchmark(cfg_of("benchmark", "imagenet_mini"), str(SHARED_DATA))
+    assert len(bench.labels) == 2300 and len(bench.class_names) == 1000 and len(bench.templates) == 7

@@ -22,6 +22,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,19 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from PIL import Image
 
-from asif_exp.config import RunConfig
+from asif_exp.config import (
+    AnchorsConfig,
+    AsifConfig,
+    BenchmarkConfig,
+    DataConfig,
+    EncoderConfig,
+    LoggerConfig,
+    PathsConfig,
+    RunConfig,
+)
 from asif_exp.data import AnchorSet, Benchmark, DataError, load_anchors, load_benchmark
 from asif_exp.encoders import text_identity, vision_identity
 from asif_exp.memory import (
@@ -73,6 +83,23 @@ class AbstainConfig:
 
 @dataclass
 class ExplainConfig(RunConfig):
+    """The main config plus the fields below. conf/explain.yaml merges this schema after
+    `config`, so every inherited field is MISSING here: the main config's values stand."""
+
+    encoder: EncoderConfig = MISSING
+    anchors: AnchorsConfig = MISSING
+    benchmark: BenchmarkConfig = MISSING
+    asif: AsifConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    data: DataConfig = MISSING
+    device: str = MISSING
+    seed: int = MISSING
+    cache: bool = MISSING
+    progress: bool = MISSING
+    sweep_name: str | None = MISSING
+    skip_existing: bool = MISSING
+
     query: Any = 0  # benchmark index, or a list of them
     top_anchors: int = 6  # anchor pairs drawn per class in the figure
     edit: EditConfig = field(default_factory=EditConfig)
@@ -116,12 +143,15 @@ class Workspace:
                 "as unreadable"
             ) from None
 
+    @cached_property
+    def _anchor_position(self) -> dict[str, int]:
+        return {image_id: i for i, image_id in enumerate(self.anchors.images.ids)}
+
     def anchor_image(self, anchor_id: str) -> Image.Image | None:
+        """The anchor's image, or None when only its embedding is known (a loaded model)."""
         if self.anchors is None:
             return None
-        if not hasattr(self, "_anchor_index"):
-            self._anchor_index = {i: pos for pos, i in enumerate(self.anchors.images.ids)}
-        return self.anchors.images.load(self._anchor_index[anchor_id])
+        return self.anchors.images.load(self._anchor_position[anchor_id])
 
 
 def _single(value, name: str):
@@ -439,9 +469,19 @@ def _usage(ws: Workspace, model: AsifModel, output_dir: Path) -> dict:
     return report
 
 
+def _queries(cfg: DictConfig) -> list[int]:
+    try:
+        return [int(q) for q in as_list(cfg.query)]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"query={cfg.query!r}: expected a benchmark index or a list of them"
+        ) from None
+
+
 def explain_main(cfg: DictConfig) -> dict:
     """The whole job as a plain function (Hydra only composes the config)."""
     output_dir = Path(cfg.paths.output_dir)
+    queries = _queries(cfg)  # a typo fails before any work
     ws = load_workspace(cfg)
     model, edit_report = _edit(cfg, ws)
     base = model.evaluate(ws.image_embeddings, ws.labels, ws.prompts)
@@ -465,7 +505,7 @@ def explain_main(cfg: DictConfig) -> dict:
         "no_overlap_fraction": base["no_overlap_fraction"],
         "embeddings_from_cache": ws.from_cache,
         "edit": edit_report,
-        "queries": [_explain_query(cfg, ws, model, int(q), output_dir) for q in as_list(cfg.query)],
+        "queries": [_explain_query(cfg, ws, model, q, output_dir) for q in queries],
         "abstain": _abstain(cfg, ws, model, output_dir),
         "usage": _usage(ws, model, output_dir) if cfg.usage else None,
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -400,10 +400,10 @@ def no_overlap(scores: Tensor) -> Tensor:
 
 def abstain(scores: Tensor, threshold: float | None = None) -> Tensor:
     """Predictions, with `UNKNOWN` where nothing overlaps or the best score is under `threshold`."""
-    best, predictions = scores.max(dim=1)
+    predictions = scores.argmax(dim=1)  # ties to the lower class, as everywhere else
     unknown = no_overlap(scores)
     if threshold is not None:
-        unknown |= best < threshold
+        unknown |= scores.max(dim=1).values < threshold
     return predictions.masked_fill(unknown, UNKNOWN)
 
 
@@ -632,10 +632,11 @@ def load_model(directory: str | Path, device: str | None = None) -> AsifModel:
                 f"anchor {side} embeddings have shape {tuple(tensor.shape)}, "
                 f"{MODEL_META} says {expected_shapes[side]}"
             )
-    pairs = [
-        json.loads(line)
-        for line in (directory / MODEL_PAIRS).read_text(encoding="utf-8").splitlines()
-    ]
+    try:
+        lines = (directory / MODEL_PAIRS).read_text(encoding="utf-8").splitlines()
+        pairs = [json.loads(line) for line in lines]
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise fail(f"{MODEL_PAIRS} is not valid JSON lines ({error})") from None
     if len(pairs) != meta["n"]:
         raise fail(f"{MODEL_PAIRS} holds {len(pairs)} pairs, {MODEL_META} says n={meta['n']}")
     options = {**meta["options"], **({"device": device} if device else {})}
@@ -650,5 +651,5 @@ def load_model(directory: str | Path, device: str | None = None) -> AsifModel:
             AsifOptions(**options),
             meta["encoders"],
         )
-    except (TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise fail(str(error)) from None

@@ -2,14 +2,17 @@
 
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
+from asif_exp.config import RunConfig
 from asif_exp.engine import AUTHORS_OPTIONS, AsifOptions, evaluate_grid
 from asif_exp.memory import (
     UNKNOWN,
@@ -323,6 +326,33 @@ def test_damaged_model_directory_is_a_clear_error(tmp_path, damage):
     change(path)
     with pytest.raises(ModelFormatError, match=message):
         load_model(path)
+
+
+# ----------------------------------------------------------------------------- the explain config
+
+
+@pytest.mark.parametrize("overrides", [[], ["asif=authors", "anchors=coco_mini", "progress=false"]])
+def test_explain_config_is_the_main_config_plus_its_own_fields(tmp_path, overrides):
+    # explain.yaml merges its schema after `config`: a default there must never replace a
+    # value the main config (or an override) set, or explain would describe another model.
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        main = compose("config", [*overrides, f"paths.output_dir={tmp_path}"])
+        explain_cfg = compose("explain", [*overrides, f"paths.output_dir={tmp_path}"])
+    main_values = OmegaConf.to_container(main, resolve=True)
+    explain_values = OmegaConf.to_container(explain_cfg, resolve=True)
+    assert {k: explain_values[k] for k in main_values} == main_values
+    assert set(explain_values) - set(main_values) == {
+        "query",
+        "top_anchors",
+        "edit",
+        "abstain",
+        "usage",
+        "model_dir",
+        "save_model",
+    }
+    # Every field the main schema has is MISSING in the explain schema (so it cannot override).
+    defaults = OmegaConf.structured(asif_exp.explain.ExplainConfig)
+    assert all(OmegaConf.is_missing(defaults, f.name) for f in fields(RunConfig))
 
 
 # ----------------------------------------------------------------------------- the real pipeline

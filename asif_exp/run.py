@@ -128,8 +128,12 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     results_path = output_dir / "results.json"
     if cfg.skip_existing and results_path.exists():
-        log.info("skip_existing: %s already holds results", results_path)
-        return json.loads(results_path.read_text())
+        try:
+            finished = json.loads(results_path.read_text())
+            log.info("skip_existing: %s already holds results", results_path)
+            return finished
+        except json.JSONDecodeError:  # written atomically, so only hand edits get here
+            log.warning("skip_existing: %s is unreadable; running the job again", results_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     job_name = f"{cfg.anchors.name}-{cfg.benchmark.name}-n{cfg.asif.n}-k{cfg.asif.k}-p{cfg.asif.p}"
     with open_tracker(cfg.logger, resolved, output_dir, job_name) as tracker:

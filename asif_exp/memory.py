@@ -9,7 +9,6 @@ point live in `asif_exp.explain`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from asif_exp.embeddings import file_sha256
 from asif_exp.engine import (
     AsifOptions,
     accuracy_metrics,
@@ -524,14 +524,6 @@ def prune_unused(model: AsifModel, counts: Tensor) -> AsifModel:
 # ----------------------------------------------------------------------------- artifact
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_model(model: AsifModel, directory: str | Path, overwrite: bool = False) -> Path:
     """Write `model` as a directory: anchors.safetensors, anchors.jsonl, model.json.
 
@@ -568,7 +560,10 @@ def save_model(model: AsifModel, directory: str | Path, overwrite: bool = False)
             "image_dim": model.anchor_image_embeddings.shape[1],
             "text_dim": model.anchor_text_embeddings.shape[1],
             "files": {
-                name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+                name: {
+                    "bytes": (staging / name).stat().st_size,
+                    "sha256": file_sha256(staging / name),
+                }
                 for name in (MODEL_TENSORS, MODEL_PAIRS)
             },
         }
@@ -616,7 +611,9 @@ def load_model(directory: str | Path, device: str | None = None) -> AsifModel:
         path, expected = directory / name, meta["files"].get(name, {})
         if not path.is_file():
             raise fail(f"{name} is missing")
-        if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+        if path.stat().st_size != expected.get("bytes") or file_sha256(path) != expected.get(
+            "sha256"
+        ):
             raise fail(f"{name} does not match its recorded size and sha256 (damaged or edited)")
     tensors = load_file(str(directory / MODEL_TENSORS))
     if set(tensors) != {"anchor_image_embeddings", "anchor_text_embeddings"}:

@@ -98,8 +98,13 @@ class Embedder:
 
         def compute():
             embeddings, kept, failures = encode_images(
-                self.image_encoder(), source, vision.batch_size, vision.num_workers,
-                self.cfg.data.on_bad_image, description, self.cfg.progress,
+                self.image_encoder(),
+                source,
+                vision.batch_size,
+                vision.num_workers,
+                self.cfg.data.on_bad_image,
+                description,
+                self.cfg.progress,
             )
             return {"embeddings": embeddings, "kept": torch.tensor(kept)}, {"failures": failures}
 
@@ -109,7 +114,9 @@ class Embedder:
 
     def texts(self, texts: list[str], description: str) -> torch.Tensor:
         identity = {
-            "kind": "text", "encoder": text_identity(self.cfg.encoder.text), "texts_sha": sha_of(texts),
+            "kind": "text",
+            "encoder": text_identity(self.cfg.encoder.text),
+            "texts_sha": sha_of(texts),
         }
 
         def compute():
@@ -155,9 +162,13 @@ def evaluate(cfg: DictConfig, resolved: dict) -> dict:
     timings = {}
     embedder = Embedder(cfg)
     t = time.perf_counter()
-    anchor_images, anchor_kept, anchor_failures = embedder.images(anchors.images, f"anchors {anchors.name}")
+    anchor_images, anchor_kept, anchor_failures = embedder.images(
+        anchors.images, f"anchors {anchors.name}"
+    )
     anchor_texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}")[anchor_kept]
-    bench_images, bench_kept, bench_failures = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
+    bench_images, bench_kept, bench_failures = embedder.images(
+        benchmark.images, f"benchmark {benchmark.name}"
+    )
     prompts, prompt_class = benchmark.prompts()
     prompt_embeddings = embedder.texts(prompts, f"prompts {benchmark.name}")
     timings["embeddings_s"] = time.perf_counter() - t
@@ -166,9 +177,19 @@ def evaluate(cfg: DictConfig, resolved: dict) -> dict:
         ns, ks, ps = grid_values(cfg, len(anchor_kept))
 
     cells, engine_timings = evaluate_grid(
-        bench_images, anchor_images, prompt_embeddings, anchor_texts, labels,
-        torch.tensor(prompt_class), len(benchmark.class_names), ns, ks, ps, options,
-        progress=cfg.progress, topk_memo=topk_memo_for(tuple(embedder.keys)),
+        bench_images,
+        anchor_images,
+        prompt_embeddings,
+        anchor_texts,
+        labels,
+        torch.tensor(prompt_class),
+        len(benchmark.class_names),
+        ns,
+        ks,
+        ps,
+        options,
+        progress=cfg.progress,
+        topk_memo=topk_memo_for(tuple(embedder.keys)),
     )
     timings.update(engine_timings)
     skipped_cells = timings.pop("skipped")
@@ -179,16 +200,22 @@ def evaluate(cfg: DictConfig, resolved: dict) -> dict:
         "format_version": RESULTS_FORMAT,
         "options": {**options.to_dict(), "preset": cfg.asif.preset},
         "anchors": {
-            "name": anchors.name, "pairs": len(anchors.captions), "pairs_used": len(anchor_kept),
+            "name": anchors.name,
+            "pairs": len(anchors.captions),
+            "pairs_used": len(anchor_kept),
             "skipped_images": anchor_failures,
         },
         "benchmark": {
-            "name": benchmark.name, "images": len(benchmark.labels), "images_used": len(bench_kept),
-            "skipped_images": bench_failures, "class_names": benchmark.class_names,
+            "name": benchmark.name,
+            "images": len(benchmark.labels),
+            "images_used": len(bench_kept),
+            "skipped_images": bench_failures,
+            "class_names": benchmark.class_names,
             "templates": benchmark.templates,
         },
         "encoders": {
-            "vision": vision_identity(cfg.encoder.vision), "text": text_identity(cfg.encoder.text),
+            "vision": vision_identity(cfg.encoder.vision),
+            "text": text_identity(cfg.encoder.text),
         },
         "embeddings_from_cache": embedder.cached,
         "cells": rows,
@@ -198,7 +225,9 @@ def evaluate(cfg: DictConfig, resolved: dict) -> dict:
     }
     # Top-level numbers: the single cell of a plain run; for a grid, the largest (n, k, p).
     headline = rows[0] if len(rows) == 1 else max(rows, key=lambda r: (r["n"], r["k"], r["p"]))
-    results.update({key: headline[key] for key in ("n", "k", "p", "top1", "top5", "per_class_accuracy")})
+    results.update(
+        {key: headline[key] for key in ("n", "k", "p", "top1", "top5", "per_class_accuracy")}
+    )
     return results
 
 

@@ -70,22 +70,41 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> lis
         corners = [(r, r), (-r, r), (-r, -r), (r, -r)]
         points = [(x * 0.8, y * 0.8) for x, y in corners]
     elif shape == "triangle":
-        points = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        points = [
+            (r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     elif shape == "star":
         points = [
-            ((r if i % 2 == 0 else 0.42 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
-             (r if i % 2 == 0 else 0.42 * r) * math.sin(-math.pi / 2 + i * math.pi / 5))
+            (
+                (r if i % 2 == 0 else 0.42 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                (r if i % 2 == 0 else 0.42 * r) * math.sin(-math.pi / 2 + i * math.pi / 5),
+            )
             for i in range(10)
         ]
     elif shape == "cross":
         a, b = r, 0.33 * r
-        points = [(b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b), (-b, -a), (b, -a),
-                  (b, -b), (a, -b), (a, b), (b, b)]
+        points = [
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+        ]
     else:
         raise ValueError(f"unknown shape {shape!r}")
     theta = math.radians(rotation)
     return [
-        (cx + x * math.cos(theta) - y * math.sin(theta), cy + x * math.sin(theta) + y * math.cos(theta))
+        (
+            cx + x * math.cos(theta) - y * math.sin(theta),
+            cy + x * math.sin(theta) + y * math.cos(theta),
+        )
         for x, y in points
     ]
 

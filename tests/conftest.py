@@ -47,7 +47,9 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
 def require_shared_data(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"local data not found at {path} (set ASIF_DATA_ROOT to the shared data folder)")
+        pytest.skip(
+            f"local data not found at {path} (set ASIF_DATA_ROOT to the shared data folder)"
+        )
     return path
 
 

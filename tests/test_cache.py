@@ -81,7 +81,9 @@ def test_damaged_entries_are_detected_and_recomputed(tmp_path, caplog):
         assert torch.equal(tensors["embeddings"], torch.full((3, 4), 2.0))
         assert "corrupt" in caplog.text
         # the recomputed entry is whole again
-        assert json.loads((cache.path(IDENTITY) / "meta.json").read_text())["shapes"] == {"embeddings": [3, 4]}
+        assert json.loads((cache.path(IDENTITY) / "meta.json").read_text())["shapes"] == {
+            "embeddings": [3, 4]
+        }
         assert cache.get_or_compute(IDENTITY, compute)[2] is True
 
 

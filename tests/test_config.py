@@ -1,13 +1,12 @@
 """Config composition: every group option composes, and mistakes fail before any work."""
 
 import pytest
+from conftest import CONF_DIR, compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from asif_exp.run import asif_options, grid_values
-
-from conftest import CONF_DIR, compose_config
 
 
 def test_default_config_composes_and_resolves(tmp_path):
@@ -34,7 +33,7 @@ def test_every_group_option_composes(group, option, tmp_path):
 
 
 def test_sweep_composes_as_multirun(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigCompositionException, match="sweep"):
         compose_config(["sweep=k_p_n"], tmp_path)  # needs '+': not in the defaults list
     from hydra import compose, initialize_config_dir
 

@@ -3,13 +3,12 @@
 import json
 
 import pytest
+from conftest import SHARED_DATA, compose_config, require_shared_data
 from omegaconf import OmegaConf
 from PIL import Image
 
 from asif_exp.data import DataError, _balanced_subset, load_anchors, load_benchmark
 from asif_exp.synthetic import SHAPES, SyntheticShapes
-
-from conftest import SHARED_DATA, compose_config, require_shared_data
 
 
 def cfg_of(group: str, option: str, **changes):
@@ -46,18 +45,25 @@ def test_synthetic_anchors_and_benchmark_from_config():
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])
 def test_pairs_file_loader(tmp_path, suffix):
     write_images(tmp_path / "img", ["a.png", "b.png"])
-    rows = [{"image": "img/a.png", "caption": "a dog"}, {"image": "img/b.png", "caption": "a cat"},
-            {"image": "img/a.png", "caption": "a brown dog"}]
+    rows = [
+        {"image": "img/a.png", "caption": "a dog"},
+        {"image": "img/b.png", "caption": "a cat"},
+        {"image": "img/a.png", "caption": "a brown dog"},
+    ]
     path = tmp_path / f"pairs.{suffix}"
     if suffix == "jsonl":
         path.write_text("\n".join(json.dumps(r) for r in rows))
     else:
         path.write_text("image,caption\n" + "\n".join(f"{r['image']},{r['caption']}" for r in rows))
-    anchors = load_anchors(cfg_of("anchors", "pairs_file", path=str(path), loader=suffix), str(tmp_path))
+    anchors = load_anchors(
+        cfg_of("anchors", "pairs_file", path=str(path), loader=suffix), str(tmp_path)
+    )
     assert anchors.captions == ["a dog", "a cat", "a brown dog"]
     assert anchors.images.ids == ["img/a.png", "img/b.png", "img/a.png"]
     assert anchors.images.load(1).size == (16, 16)
-    limited = load_anchors(cfg_of("anchors", "pairs_file", path=str(path), loader=suffix, limit=2), "/")
+    limited = load_anchors(
+        cfg_of("anchors", "pairs_file", path=str(path), loader=suffix, limit=2), "/"
+    )
     assert len(limited.captions) == 2
 
 
@@ -79,7 +85,9 @@ def test_pairs_file_errors_name_the_problem(tmp_path):
 
 
 def test_missing_data_says_what_and_where(tmp_path):
-    with pytest.raises(DataError, match=f"{tmp_path}/coco_mini/captions.jsonl does not exist.*ASIF_DATA_ROOT"):
+    with pytest.raises(
+        DataError, match=f"{tmp_path}/coco_mini/captions.jsonl does not exist.*ASIF_DATA_ROOT"
+    ):
         load_anchors(cfg_of("anchors", "coco_mini"), str(tmp_path))
     with pytest.raises(DataError, match="cifar10_test does not exist"):
         load_benchmark(cfg_of("benchmark", "cifar10"), str(tmp_path))
@@ -92,7 +100,9 @@ def test_image_folder_loader(tmp_path):
     assert bench.class_names == ["cat", "sea lion"]
     assert bench.labels == [0, 1, 1] and bench.images.ids[0] == "cat/1.png"
     with pytest.raises(DataError, match="match no class of cifar10"):
-        load_benchmark(cfg_of("benchmark", "image_folder", root="bench", class_names="cifar10"), str(tmp_path))
+        load_benchmark(
+            cfg_of("benchmark", "image_folder", root="bench", class_names="cifar10"), str(tmp_path)
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
         load_benchmark(cfg_of("benchmark", "image_folder", root="empty"), str(tmp_path))
@@ -101,12 +111,16 @@ def test_image_folder_loader(tmp_path):
 def test_hf_datasets_loader_from_local_files(tmp_path):
     datasets = pytest.importorskip("datasets")
     images = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(4)]
-    features = datasets.Features({
-        "image": datasets.Image(), "caption": datasets.Value("string"),
-        "label": datasets.ClassLabel(names=["red", "dark"]),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["red", "dark"]),
+        }
+    )
     data = datasets.Dataset.from_dict(
-        {"image": images, "caption": [f"shade {i}" for i in range(4)], "label": [1, 1, 0, 0]}, features=features
+        {"image": images, "caption": [f"shade {i}" for i in range(4)], "label": [1, 1, 0, 0]},
+        features=features,
     )
     data.save_to_disk(str(tmp_path / "hf"))
     anchors = load_anchors(cfg_of("anchors", "hf", path=str(tmp_path / "hf")), str(tmp_path))
@@ -114,7 +128,9 @@ def test_hf_datasets_loader_from_local_files(tmp_path):
     bench = load_benchmark(cfg_of("benchmark", "hf", root=str(tmp_path / "hf")), str(tmp_path))
     assert bench.class_names == ["red", "dark"] and bench.labels == [1, 1, 0, 0]
     with pytest.raises(DataError, match="no column 'picture'"):
-        load_anchors(cfg_of("anchors", "hf", path=str(tmp_path / "hf"), image_column="picture"), "/")
+        load_anchors(
+            cfg_of("anchors", "hf", path=str(tmp_path / "hf"), image_column="picture"), "/"
+        )
 
 
 def test_empty_class_list_is_an_error(tmp_path):
@@ -125,8 +141,13 @@ def test_empty_class_list_is_an_error(tmp_path):
     from asif_exp.data import Benchmark
 
     with pytest.raises(DataError, match="class list is empty"):
-        Benchmark("b", load_benchmark(cfg_of("benchmark", "image_folder", root="bench"), str(tmp_path)).images,
-                  [0], [], ["a {}."])
+        Benchmark(
+            "b",
+            load_benchmark(cfg_of("benchmark", "image_folder", root="bench"), str(tmp_path)).images,
+            [0],
+            [],
+            ["a {}."],
+        )
 
 
 def test_balanced_subset_is_balanced_and_seeded():
@@ -147,11 +168,15 @@ def test_local_cifar10_benchmark():
     require_shared_data("cifar10_test")
     bench = load_benchmark(cfg_of("benchmark", "cifar10", subset=200), str(SHARED_DATA))
     assert len(bench.labels) == 200 and bench.class_names[0] == "airplane"
-    assert all(bench.class_names[y] in bench.images.ids[i].replace("_", " ")
-               for i, y in enumerate(bench.labels))
+    assert all(
+        bench.class_names[y] in bench.images.ids[i].replace("_", " ")
+        for i, y in enumerate(bench.labels)
+    )
 
 
 def test_local_imagenet_mini_benchmark():
     require_shared_data("imagenet_mini", "labels.csv")
     bench = load_benchmark(cfg_of("benchmark", "imagenet_mini"), str(SHARED_DATA))
-    assert len(bench.labels) == 2300 and len(bench.class_names) == 1000 and len(bench.templates) == 7
+    assert (
+        len(bench.labels) == 2300 and len(bench.class_names) == 1000 and len(bench.templates) == 7
+    )

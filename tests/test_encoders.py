@@ -46,7 +46,8 @@ def test_efficientnet_lite0_classifies_imagenet():
             predictions = model(pixels).argmax(1)
         correct += sum(int(p) == int(r["label"]) for p, r in zip(predictions, batch, strict=True))
     accuracy = correct / len(rows)
-    assert accuracy > 0.5, f"EfficientNet-Lite0 top-1 {accuracy:.3f} on {len(rows)} images"
+    # Measured 0.88 on these 200 images (0.81 on 600 val images); a wrong mapping scores ~0.
+    assert accuracy > 0.6, f"EfficientNet-Lite0 top-1 {accuracy:.3f} on {len(rows)} images"
 
 
 def test_feature_encoder_outputs_pooled_features():

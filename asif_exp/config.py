@@ -53,6 +53,10 @@ class AnchorsConfig:
     split: str = "train"
     hf_config: str | None = None
     limit: int | None = None  # keep the first `limit` pairs (order is the file's)
+    # webdataset / parquet shards (img2dataset layout) and hf_files
+    data_files: Any = None  # hf_files: file(s) or glob(s) for datasets.load_dataset(path, ...)
+    key_column: str = "key"  # parquet: the sample key (names the image inside the shard's .tar)
+    status_column: str | None = "status"  # parquet: img2dataset download status ("success")
     # synthetic
     seed: int = 0
     start: int = 0
@@ -75,6 +79,14 @@ class BenchmarkConfig:
     label_column: str = "label"
     hf_config: str | None = None
     torchvision_class: str | None = None  # torchvision: dataset class, e.g. CIFAR100
+    # class_index_folder: how a class folder's name gives its label: "sorted" (the i-th folder
+    # in sorted order is class i: ImageNet's wnid folders) or "int" (the name is the index:
+    # ImageNet-v2's 0..999)
+    folder_labels: str = "sorted"
+    # The ASIF authors' split: a seeded permutation whose first half is "val" (to tune k and p)
+    # and second half "test". null: every image.
+    authors_split: str | None = None
+    authors_split_seed: int = 42
     # synthetic
     seed: int = 0
     start: int = 1_000_000  # disjoint from the anchors' indices
@@ -143,9 +155,32 @@ class RunConfig:
     skip_existing: bool = False
 
 
+@dataclass
+class ExtractConfig:
+    """`python -m asif_exp.extract`: anchor embeddings in resumable chunks, fanned out as jobs."""
+
+    shard: int = 0  # this job encodes chunks shard, shard + num_shards, ...
+    num_shards: int = 1
+    chunk_size: int = 10_000  # pairs per chunk: cached as it completes, redone if killed
+    stage: str = "all"  # encode (own chunks), merge (all chunks into the run cache), all (both)
+    num_workers: int | None = None  # DataLoader workers; null: encoder.vision.num_workers
+
+
+@dataclass
+class ExtractRunConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    anchors: AnchorsConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    device: str = "auto"  # auto: cuda (cuda:<shard % devices> with several GPUs), else cpu
+    progress: bool = True
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
+    store.store(name="extract_schema", node=ExtractRunConfig)
     store.store(group="encoder/vision", name="vision_schema", node=VisionEncoderConfig)
     store.store(group="encoder/text", name="text_schema", node=TextEncoderConfig)
     store.store(group="anchors", name="anchors_schema", node=AnchorsConfig)

@@ -1,4 +1,11 @@
-"""Experiment trackers. results.json is the source of truth; W&B is a mirror of it."""
+"""Experiment trackers. results.json is the source of truth; W&B is a mirror of it.
+
+A W&B run gets: the resolved config; one logged step per (n, k, p) cell; the headline numbers
+in its summary; every cell as a `wandb.Table` ("results"); and, when the grid has several n,
+Figure 4's curves as line plots (top-1 against n, one line per k at the best p, and one per p
+at the best k). Runs of a sweep share a group (`logger.group`, default `sweep_name`) and carry
+tags naming the encoders, anchors and benchmark. Everything works with WANDB_MODE=offline.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,45 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+CELL_COLUMNS = ["n", "k", "p", "top1", "top5", "mean_per_class_recall", "no_overlap_fraction"]
+
 
 class NullTracker:
     def log_results(self, results: dict) -> None:
         pass
+
+
+def figure4_series(cells: list[dict]) -> list[dict]:
+    """Figure 4's curves from a grid: [{name, title, xs: [[n...]], ys: [[top1...]], keys}].
+
+    Empty when the grid has a single n (nothing to draw against n).
+    """
+    ns = sorted({c["n"] for c in cells})
+    if len(ns) < 2:
+        return []
+    best = max((c for c in cells if c["n"] == ns[-1]), key=lambda c: (c["top1"], -c["k"], -c["p"]))
+    series = []
+    for fixed, varied in (("p", "k"), ("k", "p")):
+        values = sorted({c[varied] for c in cells if c[fixed] == best[fixed]})
+        xs, ys, keys = [], [], []
+        for value in values:
+            # Cells with k > n were skipped: each line has its own xs.
+            line = sorted(
+                (c["n"], c["top1"]) for c in cells if c[fixed] == best[fixed] and c[varied] == value
+            )
+            xs.append([n for n, _ in line])
+            ys.append([top1 for _, top1 in line])
+            keys.append(f"{varied}={value:g}")
+        series.append(
+            {
+                "name": f"fig4_{varied}_curves",
+                "title": f"top-1 vs n, curves over {varied} ({fixed}={best[fixed]:g})",
+                "xs": xs,
+                "ys": ys,
+                "keys": keys,
+            }
+        )
+    return series
 
 
 class WandbTracker:
@@ -21,15 +63,43 @@ class WandbTracker:
     def log_results(self, results: dict) -> None:
         import wandb
 
-        columns = ["n", "k", "p", "top1", "top5", "mean_per_class_recall", "no_overlap_fraction"]
-        table = wandb.Table(columns=columns)
-        for step, cell in enumerate(results["cells"]):  # one W&B point per grid cell
-            self.run.log({c: cell[c] for c in columns}, step=step)
-            table.add_data(*[cell[c] for c in columns])
-        self.run.log({"results": table})
-        for key in ("top1", "top5", "mean_per_class_recall", "n", "k", "p"):
+        cells = results["cells"]
+        table = wandb.Table(columns=["anchors", "benchmark", "vision", "text"] + CELL_COLUMNS)
+        setup = [
+            results["anchors"]["name"],
+            results["benchmark"]["name"],
+            results["encoders"]["vision"]["model_name"],
+            results["encoders"]["text"]["model_name"],
+        ]
+        for step, cell in enumerate(cells):  # one W&B point per grid cell
+            self.run.log({c: cell.get(c) for c in CELL_COLUMNS}, step=step)
+            table.add_data(*setup, *[cell.get(c) for c in CELL_COLUMNS])
+        extra = {"results": table}
+        for curve in figure4_series(cells):
+            extra[curve["name"]] = wandb.plot.line_series(
+                xs=curve["xs"],
+                ys=curve["ys"],
+                keys=curve["keys"],
+                title=curve["title"],
+                xname="n",
+            )
+        self.run.log(extra, step=len(cells))
+        for key in ("top1", "top5", "n", "k", "p"):
             if key in results:
                 self.run.summary[key] = results[key]
+        self.run.summary["anchor_pairs_used"] = results["anchors"]["pairs_used"]
+        self.run.summary["anchor_images_skipped"] = len(results["anchors"]["skipped_images"])
+        self.run.summary["benchmark_images_used"] = results["benchmark"]["images_used"]
+        self.run.summary["best_top1"] = max(c["top1"] for c in cells)
+
+
+def run_tags(logger_cfg, resolved_config: dict) -> list[str]:
+    """The configured tags plus the sweep and the benchmark split, when set."""
+    tags = list(logger_cfg.tags or [])
+    tags.append(resolved_config.get("sweep_name"))
+    tags.append((resolved_config.get("benchmark") or {}).get("authors_split"))
+    # W&B rejects empty tags and tags over 64 characters.
+    return list(dict.fromkeys(str(t)[:64] for t in tags if t not in (None, "")))
 
 
 @contextlib.contextmanager
@@ -42,12 +112,13 @@ def open_tracker(logger_cfg, resolved_config: dict, output_dir: Path, job_name: 
         raise ValueError(f"logger.name={logger_cfg.name!r}: expected 'none' or 'wandb'")
     import wandb
 
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=logger_cfg.project,
         entity=logger_cfg.entity,
         mode=logger_cfg.mode,
         group=logger_cfg.group,
-        tags=list(logger_cfg.tags),
+        tags=run_tags(logger_cfg, resolved_config),
         name=job_name,
         config=resolved_config,
         dir=str(output_dir),

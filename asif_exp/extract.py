@@ -1,0 +1,254 @@
+"""Anchor embeddings at scale (CC12M's 1.6M pairs): resumable chunks, fanned out as Hydra jobs.
+
+The anchor set is cut into chunks of `extract.chunk_size` consecutive pairs. Job `shard` of
+`num_shards` encodes chunks shard, shard + num_shards, ... (images and captions); each chunk is
+cached as soon as it completes, so a killed job redoes at most the chunk it was in. The merge
+stage concatenates every chunk into exactly the cache entries that `python -m asif_exp` looks
+up, so evaluation jobs never encode an anchor.
+
+    # one process, everything (tiny sets, or one GPU):
+    python -m asif_exp.extract anchors=cc12m encoder/vision=vit_b16_in21k \
+        encoder/text=sentence_t5_base
+    # 64 SLURM jobs (hydra-submitit-launcher), then one merge:
+    python -m asif_exp.extract -m hydra/launcher=slurm_gpu anchors=cc12m ... \
+        extract.stage=encode extract.num_shards=64 'extract.shard=range(0,64)'
+    python -m asif_exp.extract anchors=cc12m ... extract.stage=merge
+
+Failed downloads (listed pairs without an image) and undecodable images are counted and listed
+in `<output_dir>/extract.json`, and carried into results.json as the anchors' skipped images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from asif_exp import config as _config  # noqa: F401  (registers the schemas)
+from asif_exp.data import AnchorSet, Subset, load_anchors, sha_of
+from asif_exp.embeddings import EmbeddingCache, encode_images
+from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
+
+log = logging.getLogger(__name__)
+STAGES = ("all", "encode", "merge")
+
+
+def chunk_ranges(size: int, chunk_size: int) -> list[tuple[int, int]]:
+    if chunk_size < 1:
+        raise ValueError(f"extract.chunk_size={chunk_size}: must be at least 1")
+    return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+
+
+def shard_chunks(chunks: list, shard: int, num_shards: int) -> list[int]:
+    """Indices of the chunks job `shard` encodes (round-robin, so jobs finish together)."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(
+            f"extract.shard={shard} of num_shards={num_shards}: need 0 <= shard < num_shards"
+        )
+    return list(range(shard, len(chunks), num_shards))
+
+
+# The identities below must stay equal to what asif_exp.run's Embedder computes, so that an
+# evaluation finds the merged entries (tests/test_extract.py checks it end to end).
+def anchor_image_identity(cfg, anchors: AnchorSet) -> dict:
+    return {
+        "kind": "image",
+        "encoder": vision_identity(cfg.encoder.vision),
+        "data": anchors.images.fingerprint,
+    }
+
+
+def anchor_text_identity(cfg, anchors: AnchorSet) -> dict:
+    return {
+        "kind": "text",
+        "encoder": text_identity(cfg.encoder.text),
+        "texts_sha": sha_of(anchors.captions),
+    }
+
+
+def chunk_identity(cfg, anchors: AnchorSet, start: int, stop: int) -> dict:
+    return {
+        "kind": "anchor_chunk",
+        "image": anchor_image_identity(cfg, anchors),
+        "text_encoder": text_identity(cfg.encoder.text),
+        "captions_sha": sha_of(anchors.captions[start:stop]),
+        "start": start,
+        "stop": stop,
+    }
+
+
+def job_device(device: str, shard: int) -> str:
+    """`auto` picks this job's GPU when a node runs several jobs (joblib over local GPUs)."""
+    if device != "auto" or not torch.cuda.is_available():
+        return device if device != "auto" else "cpu"
+    return f"cuda:{shard % torch.cuda.device_count()}"
+
+
+class ChunkEncoder:
+    """Encodes chunks; the encoders are loaded on the first chunk that is not cached."""
+
+    def __init__(self, cfg: DictConfig, anchors: AnchorSet, device: str):
+        self.cfg, self.anchors, self.device = cfg, anchors, device
+        self._image_encoder: ImageEncoder | None = None
+        self._text_encoder: TextEncoder | None = None
+
+    def __call__(self, start: int, stop: int, label: str) -> tuple[dict, dict]:
+        if self._image_encoder is None:
+            self._image_encoder = ImageEncoder(self.cfg.encoder.vision, self.device)
+            self._text_encoder = TextEncoder(self.cfg.encoder.text, self.device)
+        vision, extract = self.cfg.encoder.vision, self.cfg.extract
+        workers = extract.num_workers if extract.num_workers is not None else vision.num_workers
+        part = Subset(self.anchors.images, list(range(start, stop)))
+        try:
+            image_embeddings, kept, failures = encode_images(
+                self._image_encoder,
+                part,
+                vision.batch_size,
+                workers,
+                self.cfg.data.on_bad_image,
+                label,
+                self.cfg.progress,
+            )
+        except ValueError as error:
+            if "no readable image" not in str(error):
+                raise
+            # A chunk whose every image failed still completes: all its pairs are reported.
+            image_embeddings, kept = torch.empty(0, 0), []
+            failures = [
+                {"id": part.ids[i], "error": self._failure(part, i)} for i in range(len(part))
+            ]
+        text_embeddings = self._text_encoder.encode(self.anchors.captions[start:stop], False)
+        tensors = {
+            "image_embeddings": image_embeddings,
+            "kept": torch.tensor([start + i for i in kept], dtype=torch.int64),
+            "text_embeddings": text_embeddings,
+        }
+        return tensors, {"failures": failures}
+
+    @staticmethod
+    def _failure(part, index: int) -> str:
+        try:
+            part.load(index)
+            return "unreadable"
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+
+def merge_chunks(
+    cache: EmbeddingCache, cfg: DictConfig, anchors: AnchorSet, chunks: list[tuple[int, int]]
+) -> dict:
+    """Concatenate every chunk into the entries an evaluation job looks up."""
+    parts, missing = [], []
+    for start, stop in chunks:
+        entry = cache.load(chunk_identity(cfg, anchors, start, stop))
+        if entry is None:
+            missing.append([start, stop])
+        else:
+            parts.append(entry)
+    if missing:
+        raise RuntimeError(
+            f"merge: {len(missing)} of {len(chunks)} chunks are not encoded yet "
+            f"(pairs {missing[:3]}...); run the encode jobs (they resume) and merge again"
+        )
+    image_parts = [p[0]["image_embeddings"] for p in parts if p[0]["kept"].numel()]
+    kept = torch.cat([p[0]["kept"] for p in parts])
+    failures = [f for p in parts for f in p[1]["failures"]]
+    if not image_parts:
+        raise RuntimeError(f"merge: no readable image among the {len(anchors.captions)} anchors")
+    cache.save(
+        anchor_image_identity(cfg, anchors),
+        {"embeddings": torch.cat(image_parts), "kept": kept},
+        {"failures": failures},
+    )
+    cache.save(
+        anchor_text_identity(cfg, anchors),
+        {"embeddings": torch.cat([p[0]["text_embeddings"] for p in parts])},
+        {},
+    )
+    return {"pairs_kept": int(kept.numel()), "failures": failures}
+
+
+def run_extract(cfg: DictConfig) -> dict:
+    """Encode this job's chunks and/or merge them; returns (and writes) a report."""
+    extract = cfg.extract
+    if extract.stage not in STAGES:
+        raise ValueError(f"extract.stage={extract.stage!r}: expected one of {STAGES}")
+    started = time.perf_counter()
+    anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
+    chunks = chunk_ranges(len(anchors.captions), int(extract.chunk_size))
+    mine = shard_chunks(chunks, int(extract.shard), int(extract.num_shards))
+    cache = EmbeddingCache(cfg.paths.cache_dir)
+    report: dict = {
+        "anchors": {"name": anchors.name, "pairs": len(anchors.captions)},
+        "missing_images": len(getattr(anchors.images, "missing", [])),
+        "chunks_total": len(chunks),
+        "shard": int(extract.shard),
+        "num_shards": int(extract.num_shards),
+        "chunks_encoded": [],
+        "chunks_cached": [],
+        "failures": [],
+    }
+    if extract.stage in ("all", "encode"):
+        encode = ChunkEncoder(cfg, anchors, job_device(cfg.device, int(extract.shard)))
+        for number, index in enumerate(mine, 1):
+            start, stop = chunks[index]
+            label = f"chunk {index + 1}/{len(chunks)} ({number}/{len(mine)} of this job)"
+            identity = chunk_identity(cfg, anchors, start, stop)
+            tensors, extra, was_cached = cache.get_or_compute(
+                identity, lambda s=start, e=stop, lb=label: encode(s, e, lb)
+            )
+            (report["chunks_cached"] if was_cached else report["chunks_encoded"]).append(index)
+            report["failures"].extend(extra["failures"])
+            log.info(
+                "%s: %s (%d failed images)",
+                label,
+                "cached" if was_cached else "encoded",
+                len(extra["failures"]),
+            )
+    if extract.stage == "merge" or (
+        extract.stage == "all" and _all_cached(cache, cfg, anchors, chunks)
+    ):
+        merged = merge_chunks(cache, cfg, anchors, chunks)
+        report.update(merged=True, pairs_kept=merged["pairs_kept"], failures=merged["failures"])
+    else:
+        report["merged"] = False
+    report["failed_images"] = len(report["failures"])
+    report["seconds"] = time.perf_counter() - started
+    _write_report(Path(cfg.paths.output_dir) / "extract.json", report)
+    log.info(
+        "extract: %d chunks encoded, %d cached; %d failed images (%d not downloaded); merged=%s",
+        len(report["chunks_encoded"]),
+        len(report["chunks_cached"]),
+        report["failed_images"],
+        report["missing_images"],
+        report["merged"],
+    )
+    return report
+
+
+def _all_cached(cache: EmbeddingCache, cfg, anchors: AnchorSet, chunks: list) -> bool:
+    # Cheap presence check; merge_chunks verifies every entry's checksum when it loads it.
+    return all(cache.path(chunk_identity(cfg, anchors, a, b)).exists() for a, b in chunks)
+
+
+def _write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(staging, path)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+def main(cfg: DictConfig) -> None:
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    run_extract(cfg)
+
+
+if __name__ == "__main__":
+    main()

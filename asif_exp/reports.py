@@ -1,0 +1,424 @@
+"""Table 1 and Figure 4 of the ASIF paper, built from results.json files (the source of truth).
+
+    cells = load_cells(["outputs/sweeps/table1_mini"])      # one row per (job, n, k, p)
+    table = build_table1(cells)                              # ours beside the paper's numbers
+    write_table1(table, "experiments/table1/mini")           # .md, .tex, .csv
+    figure4(cells, "experiments/fig4/mini")                  # .png, .pdf per setup
+
+A "setup" is everything but the grid: encoders, anchors, benchmark (and subset), ASIF options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- the paper
+
+PAPER_BENCHMARKS = ("imagenet", "cifar100", "oxford_pets", "imagenet_v2")
+BENCHMARK_LABELS = {
+    "imagenet": "ImageNet",
+    "cifar100": "CIFAR-100",
+    "oxford_pets": "Pets",
+    "imagenet_v2": "ImageNet-v2",
+    "cifar10": "CIFAR-10",
+    "imagenet_mini": "ImageNet-mini",
+    "synthetic_shapes": "Shapes",
+}
+ENCODER_LABELS = {
+    "vit_base_patch16_224.augreg_in21k": "ViT-B/16 sup. IN-21k",
+    "vit_small_patch8_224.dino": "DINO ViT-S/8 unsup.",
+    "efficientnet_lite0": "EfficientNet-Lite0",
+    "efficientnet_lite2": "EfficientNet-Lite2",
+    "tf_efficientnet_lite2": "EfficientNet-Lite2",
+    "sentence-transformers/sentence-t5-base": "sentence-T5-base",
+    "sentence-transformers/all-mpnet-base-v2": "all-mpnet-base-v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
+}
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """Top-1 (%) as printed in one version of the paper; None where not verified."""
+
+    method: str
+    version: str  # "" where the row is the same in every version (or its version is unknown)
+    vision: str | None  # the vision model_name our runs are compared with (None: not ASIF)
+    top1: dict[str, float | None] = field(default_factory=dict)
+    note: str = ""
+
+
+VIT_IN21K, DINO = "vit_base_patch16_224.augreg_in21k", "vit_small_patch8_224.dino"
+PAPER_TABLE1: tuple[PaperRow, ...] = (
+    PaperRow(
+        "ASIF ViT-B/16 sup.",
+        "arXiv v1 (2022)",
+        VIT_IN21K,
+        {"imagenet": 55.4, "cifar100": 63.3, "oxford_pets": 71.5, "imagenet_v2": 45.6},
+    ),
+    PaperRow(
+        "ASIF ViT-B/16 sup.",
+        "NeurIPS 2023",
+        VIT_IN21K,
+        {"imagenet": 60.9, "cifar100": 50.2, "oxford_pets": 81.5, "imagenet_v2": 52.2},
+    ),
+    PaperRow(
+        "ASIF DINO ViT-S/8 unsup.",
+        "",
+        DINO,
+        {"imagenet": 53.0, "cifar100": 46.5, "oxford_pets": 74.7, "imagenet_v2": 45.9},
+    ),
+    # The comparison rows of the paper's Table 1. Their numbers could not be checked against
+    # the paper's text when this was written, so they are left empty rather than guessed.
+    PaperRow("CLIP", "", None, {}, note="numbers not verified here: fill them in from the paper"),
+    PaperRow("LiT", "", None, {}, note="numbers not verified here: fill them in from the paper"),
+)
+
+# ----------------------------------------------------------------------------- loading
+
+SETUP = ["vision", "text", "anchors", "pairs", "benchmark", "subset", "variant"]
+
+
+def find_results(paths: Iterable[str | Path]) -> list[Path]:
+    """Every results.json under the given folders (or the files themselves), sorted."""
+    found: set[Path] = set()
+    for path in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        if path.is_file():
+            found.add(path)
+        elif path.is_dir():
+            found.update(path.rglob("results.json"))
+        else:
+            raise FileNotFoundError(f"no results folder or file at {path}")
+    return sorted(found)
+
+
+def _variant(results: dict) -> str:
+    options = results.get("options", {})
+    return (
+        f"{options.get('preset', 'clean')}: clamp={options.get('clamp_negative')}, "
+        f"normalize={options.get('normalize')}, templates={options.get('template_aggregation')}"
+    )
+
+
+def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per grid cell of every results.json; a cell computed twice keeps the newest."""
+    rows = []
+    for file in find_results(paths):
+        results = json.loads(file.read_text())
+        config = results.get("config", {})
+        bench_cfg = config.get("benchmark", {})
+        common = {
+            "vision": results["encoders"]["vision"]["model_name"],
+            "text": results["encoders"]["text"]["model_name"],
+            "anchors": results["anchors"]["name"],
+            "pairs": results["anchors"]["pairs_used"],
+            "benchmark": results["benchmark"]["name"],
+            "subset": bench_cfg.get("subset") or 0,
+            "split": bench_cfg.get("authors_split") or "all",
+            "variant": _variant(results),
+            "images": results["benchmark"]["images_used"],
+            "classes": len(results["benchmark"]["class_names"]),
+            "sweep_name": config.get("sweep_name"),
+            "path": str(file),
+            "mtime": file.stat().st_mtime,
+        }
+        for cell in results["cells"]:
+            rows.append(
+                {
+                    **common,
+                    **{key: cell[key] for key in ("n", "k", "p", "top1", "top5")},
+                    "mean_per_class_recall": cell.get("mean_per_class_recall"),
+                }
+            )
+    if not rows:
+        raise ValueError(f"no results.json found under {list(map(str, paths))}")
+    cells = pd.DataFrame(rows).sort_values("mtime")
+    cells = cells.drop_duplicates(SETUP + ["split", "n", "k", "p"], keep="last")
+    return cells.sort_values(SETUP + ["split", "n", "k", "p"]).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- Table 1
+
+
+def select_cells(
+    cells: pd.DataFrame, n: int | None = None, k: int | None = None, p: float | None = None
+) -> pd.DataFrame:
+    """One reported cell per setup.
+
+    With results on both halves of the authors' split, (n, k, p) is chosen on "val" (best
+    top-1; ties: larger n, smaller k, smaller p) and the "test" cell is reported. Otherwise
+    the cell at the given n (default: the largest), k and p; where several remain, the best
+    one is reported and marked as chosen on the evaluation set itself (optimistic).
+    """
+    chosen = []
+    for _, group in cells.groupby(SETUP, sort=True, dropna=False):
+        group = _filter(group, n, k, p)
+        if group.empty:
+            continue
+        splits = set(group["split"])
+        if {"val", "test"} <= splits:
+            val = _best(group[group["split"] == "val"])
+            test = group[
+                (group["split"] == "test")
+                & (group["n"] == val["n"])
+                & (group["k"] == val["k"])
+                & (group["p"] == val["p"])
+            ]
+            if test.empty:
+                log.warning("no test cell for the val choice n=%s k=%s p=%s", val.n, val.k, val.p)
+                continue
+            row = test.iloc[0].copy()
+            row["selection"] = (
+                f"tuned on the val half (top-1 {100 * val['top1']:.1f}); reported on the test half"
+            )
+        else:
+            split = "all" if "all" in splits else sorted(splits)[0]
+            candidates = group[group["split"] == split]
+            if n is None:
+                candidates = candidates[candidates["n"] == candidates["n"].max()]
+            row = _best(candidates).copy()
+            row["selection"] = (
+                "the configured cell"
+                if len(candidates) == 1
+                else f"best of {len(candidates)} (k, p) on this set itself (optimistic)"
+            )
+        chosen.append(row)
+    if not chosen:
+        raise ValueError(f"no cell matches n={n}, k={k}, p={p}")
+    return pd.DataFrame(chosen).reset_index(drop=True)
+
+
+def _filter(group: pd.DataFrame, n, k, p) -> pd.DataFrame:
+    for column, value in (("n", n), ("k", k), ("p", p)):
+        if value is not None:
+            group = group[group[column] == value]
+    return group
+
+
+def _best(candidates: pd.DataFrame) -> pd.Series:
+    ranked = candidates.sort_values(["top1", "n", "k", "p"], ascending=[False, False, True, True])
+    return ranked.iloc[0]
+
+
+def _label(model_name: str) -> str:
+    return ENCODER_LABELS.get(model_name, model_name)
+
+
+def _benchmark_label(benchmark: str, subset: int = 0) -> str:
+    label = BENCHMARK_LABELS.get(benchmark, benchmark)
+    return f"{label} ({subset:,} subset)" if subset else label
+
+
+@dataclass
+class Table1:
+    wide: pd.DataFrame  # rows: paper versions, ours, differences; columns: benchmarks
+    long: pd.DataFrame  # one row per (our setup, benchmark), paper values and differences
+    notes: list[str]
+
+
+def _version_key(version: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in (version or "paper").lower()).strip("_")
+
+
+def _paper_label(paper: PaperRow) -> str:
+    return f"{paper.method} — paper" + (f", {paper.version}" if paper.version else "")
+
+
+def build_table1(cells: pd.DataFrame, n=None, k=None, p=None) -> Table1:
+    """Our top-1 (%) beside the paper's (every published version), with the differences."""
+    selected = select_cells(cells, n, k, p)
+    columns = [b for b in PAPER_BENCHMARKS if b in set(selected["benchmark"])]
+    columns += sorted(set(selected["benchmark"]) - set(columns))
+    paper_columns = any(b in PAPER_BENCHMARKS for b in columns)
+
+    long_rows = []
+    for row in selected.itertuples():
+        entry = {
+            "method": f"ASIF {_label(row.vision)} + {_label(row.text)}",
+            "vision": row.vision,
+            "text": row.text,
+            "anchors": row.anchors,
+            "pairs": row.pairs,
+            "benchmark": row.benchmark,
+            "subset": row.subset,
+            "images": row.images,
+            "variant": row.variant,
+            "n": row.n,
+            "k": row.k,
+            "p": row.p,
+            "selection": row.selection,
+            "ours_top1": round(100 * row.top1, 2),
+        }
+        for paper in PAPER_TABLE1:
+            value = paper.top1.get(row.benchmark) if paper.vision == row.vision else None
+            if value is not None:
+                key = _version_key(paper.version)
+                entry[f"paper_{key}"] = value
+                entry[f"diff_{key}"] = round(entry["ours_top1"] - value, 2)
+        long_rows.append(entry)
+    long = pd.DataFrame(long_rows)
+
+    wide_rows: dict[str, dict[str, str]] = {}
+    ours_visions = list(dict.fromkeys(selected["vision"]))
+    if paper_columns:
+        for paper in PAPER_TABLE1:
+            if paper.vision is None or paper.vision in ours_visions:
+                wide_rows[_paper_label(paper)] = {b: _fmt(paper.top1.get(b)) for b in columns}
+    for (method, anchors, pairs, variant), group in long.groupby(
+        ["method", "anchors", "pairs", "variant"], sort=False
+    ):
+        values = {b: group[group["benchmark"] == b]["ours_top1"] for b in columns}
+        name = f"{method} — ours, {anchors} ({pairs:,} pairs)"
+        if long["variant"].nunique() > 1:
+            name += f" [{variant.split(':')[0]}]"
+        wide_rows[name] = {b: _fmt(v.iloc[0] if len(v) else None) for b, v in values.items()}
+        for paper in PAPER_TABLE1:
+            key = f"diff_{_version_key(paper.version)}"
+            if paper.vision == group["vision"].iloc[0] and key in group:
+                diffs = {b: group[group["benchmark"] == b][key] for b in columns}
+                version = f", {paper.version}" if paper.version else ""
+                wide_rows[f"  Δ ours − paper{version} ({paper.method})"] = {
+                    b: _fmt(d.iloc[0] if len(d) else None, signed=True) for b, d in diffs.items()
+                }
+    wide = pd.DataFrame.from_dict(wide_rows, orient="index", columns=columns)
+    subsets = dict(zip(selected["benchmark"], selected["subset"], strict=False))
+    wide.columns = [_benchmark_label(b, int(subsets.get(b, 0) or 0)) for b in columns]
+    wide.index.name = "zero-shot top-1 (%)"
+
+    notes = sorted(
+        {
+            f"{r.method}, {r.benchmark}: {r.selection}; n={r.n}, k={r.k}, p={r.p:g}, "
+            f"{r.images:,} images"
+            for r in long.itertuples()
+        }
+    )
+    notes += [f"{_paper_label(p)}: {p.note}" for p in PAPER_TABLE1 if p.note and paper_columns]
+    return Table1(wide, long, notes)
+
+
+def _fmt(value, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table (index as the first column)."""
+    header = [frame.index.name or ""] + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for index, row in frame.iterrows():
+        cells = [str(index).replace("|", "\\|")] + [str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _tex_escape(text: str) -> str:
+    for char in "&%$#_{}":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def write_table1(table: Table1, out_stem: str | Path, title: str = "Table 1") -> list[Path]:
+    """`<stem>.md` (table and how each number was chosen), `<stem>.tex`, `<stem>.csv` (long)."""
+    stem = Path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    markdown = [
+        f"### {title}",
+        "",
+        markdown_table(table.wide),
+        "",
+        "How each of our numbers was chosen:",
+        "",
+    ]
+    markdown += [f"- {note}" for note in table.notes]
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".tex"), stem.with_suffix(".csv")]
+    paths[0].write_text("\n".join(markdown) + "\n")
+    wide = table.wide.rename_axis(None)
+    latex = wide.to_latex(
+        caption=f"{_tex_escape(title)}: zero-shot top-1 accuracy (\\%), ours beside the paper's.",
+        label="tab:asif-table1",
+        escape=True,
+        column_format="l" + "r" * len(wide.columns),
+    )
+    for text, tex in (("Δ", "$\\Delta$"), ("−", "$-$"), ("—", "--")):  # plain pdflatex
+        latex = latex.replace(text, tex)
+    paths[1].write_text(latex)
+    table.long.to_csv(paths[2], index=False)
+    return paths
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+
+def figure4(
+    cells: pd.DataFrame, out_dir: str | Path, split: str | None = None, stem: str = "fig4"
+) -> list[Path]:
+    """Top-1 against the number of anchor pairs n (log axis) for every setup with several n:
+    (a) one curve per k at the best p, (b) one curve per p at the best k. PNG and PDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for setup, group in cells.groupby(SETUP + ["split"], sort=True, dropna=False):
+        if split is not None and setup[-1] != split:
+            continue
+        if group["n"].nunique() < 2:
+            continue
+        largest = group[group["n"] == group["n"].max()]
+        best = _best(largest)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
+        ns = sorted(group["n"].unique())
+        for axis, (fixed, fixed_value, varied) in zip(
+            axes, (("p", best["p"], "k"), ("k", best["k"], "p")), strict=True
+        ):
+            panel = group[group[fixed] == fixed_value]
+            for value, curve in panel.groupby(varied):
+                curve = curve.sort_values("n")
+                axis.plot(curve["n"], 100 * curve["top1"], marker="o", label=f"{varied}={value:g}")
+            axis.axhline(100 / group["classes"].iloc[0], color="grey", ls=":", lw=1, label="chance")
+            axis.set_xscale("log")
+            axis.set_xticks(ns, [f"{n:,}" for n in ns], fontsize=8)  # the grid's n, not 10^x
+            axis.minorticks_off()
+            axis.set_xlabel("anchor pairs n (log scale)")
+            axis.set_title(f"curves over {varied}, {fixed}={fixed_value:g}")
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(title=varied, fontsize=8)
+        axes[0].set_ylabel("zero-shot top-1 (%)")
+        row = group.iloc[0]
+        split_note = "" if row["split"] == "all" else f", {row['split']} half"
+        fig.suptitle(
+            f"ASIF: {_label(row['vision'])} + {_label(row['text'])}; anchors {row['anchors']} "
+            f"(up to {int(group['n'].max()):,} pairs); "
+            f"{_benchmark_label(row['benchmark'], int(row['subset']))}{split_note}, "
+            f"{int(row['images']):,} images",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        encoders = f"{_slug(row['vision'])}_{_slug(row['text'])}"
+        name = f"{stem}_{encoders}_{row['anchors']}_{row['benchmark']}"
+        if row["split"] != "all":
+            name += f"_{row['split']}"
+        for suffix in (".png", ".pdf"):
+            path = out_dir / f"{name}{suffix}"
+            fig.savefig(path, dpi=150)
+            written.append(path)
+        plt.close(fig)
+    if not written:
+        raise ValueError("no setup with results for several n: nothing to plot for Figure 4")
+    return written
+
+
+def _slug(model_name: str) -> str:
+    return model_name.split("/")[-1].replace(".", "-")

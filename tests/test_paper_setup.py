@@ -1,0 +1,157 @@
+"""The paper's configs: benchmarks (ImageNet folders, the authors' split), anchors, sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import asif_exp.config  # noqa: F401  (registers the config schemas)
+from asif_exp.data import DataError, authors_split_indices, load_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose(*overrides: str, config: str = "config"):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(config, overrides=list(overrides))
+
+
+def test_authors_split_is_their_seeded_permutation():
+    val, test = authors_split_indices(50_000, "val"), authors_split_indices(50_000, "test")
+    # their code: torch.randperm(50_000, generator=torch.Generator().manual_seed(42))[:25_000]
+    permutation = torch.randperm(50_000, generator=torch.Generator().manual_seed(42))
+    assert val == sorted(permutation[:25_000].tolist())
+    assert test == sorted(permutation[-25_000:].tolist())
+    assert len(authors_split_indices(7, "val")) == 3 and len(authors_split_indices(7, "test")) == 4
+    assert set(authors_split_indices(7, "val")).isdisjoint(authors_split_indices(7, "test"))
+    with pytest.raises(DataError, match="val or test"):
+        authors_split_indices(10, "train")
+
+
+def _folders(root: Path, names: list[str], per_class: int = 2) -> None:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.JPEG")
+
+
+def test_imagenet_wnid_folders_and_imagenet_v2_index_folders(tmp_path, monkeypatch):
+    import asif_exp.data as data
+
+    monkeypatch.setattr(data, "load_class_names", lambda name: ["tench", "goldfish", "shark"])
+    _folders(tmp_path / "in" / "val", ["n01443537", "n01440764", "n01484850"])
+    cfg = _compose("benchmark=imagenet", f"paths.data_root={tmp_path}", "benchmark.root=in/val")
+    bench = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    assert bench.labels == [0, 0, 1, 1, 2, 2]  # sorted wnids are the class order
+    assert bench.images.ids[0].startswith("n01440764/")
+
+    _folders(tmp_path / "v2", ["0", "1", "10"])  # 10 is no class of three
+    cfg = _compose("benchmark=imagenet_v2", f"paths.data_root={tmp_path}", "benchmark.root=v2")
+    with pytest.raises(DataError, match="not class indices"):
+        load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    (tmp_path / "v2" / "10").rename(tmp_path / "v2" / "2")
+    bench = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    assert bench.labels == [0, 0, 1, 1, 2, 2]  # numeric, not lexicographic, order
+
+    (tmp_path / "in" / "val" / "n01484850").rename(tmp_path / "stray")
+    cfg = _compose("benchmark=imagenet", f"paths.data_root={tmp_path}", "benchmark.root=in/val")
+    with pytest.raises(DataError, match="one folder per class"):
+        load_benchmark(cfg.benchmark, cfg.paths.data_root)
+
+
+def test_split_of_a_subset_names_both_in_its_fingerprint(tmp_path):
+    _folders(tmp_path / "b", ["cat", "dog"], per_class=10)
+    common = ["benchmark=image_folder", f"benchmark.root={tmp_path / 'b'}", "benchmark.subset=10"]
+    halves = {}
+    for seed in (0, 1):
+        for split in ("val", "test"):
+            cfg = _compose(
+                *common, f"benchmark.subset_seed={seed}", f"benchmark.authors_split={split}"
+            )
+            bench = load_benchmark(cfg.benchmark, "")
+            halves[seed, split] = bench
+            assert len(bench.labels) == 5
+    assert set(halves[0, "val"].images.ids).isdisjoint(halves[0, "test"].images.ids)
+    # the same split positions of two different subsets are different images: different keys
+    assert halves[0, "val"].images.fingerprint != halves[1, "val"].images.fingerprint
+
+
+@pytest.mark.parametrize(
+    "benchmark, names, templates, size",
+    [
+        ("imagenet", "imagenet1k", "imagenet7", 1000),
+        ("imagenet_v2", "imagenet1k", "imagenet7", 1000),
+        ("cifar100", "cifar100", "cifar18", 100),
+        ("oxford_pets", "oxford_pets_asif", "pets3", 37),
+    ],
+)
+def test_paper_benchmarks_compose(benchmark, names, templates, size):
+    from asif_exp.prompts import load_class_names, load_templates
+
+    cfg = _compose(f"benchmark={benchmark}")
+    assert (cfg.benchmark.class_names, cfg.benchmark.templates) == (names, templates)
+    assert len(load_class_names(names)) == size and load_templates(templates)
+
+
+def test_missing_torchvision_files_are_a_clear_error(tmp_path):
+    cfg = _compose("benchmark=cifar100", f"paths.data_root={tmp_path}")
+    with pytest.raises(DataError, match="CIFAR100 not found under"):
+        load_benchmark(cfg.benchmark, cfg.paths.data_root)
+
+
+def test_paper_anchors_and_sweeps_compose():
+    cfg = _compose("anchors=cc12m")
+    assert (cfg.anchors.loader, cfg.anchors.limit) == ("parquet", 1_600_000)
+    for sweep, params in {
+        "table1_mini": {"encoder/vision", "benchmark", "benchmark.authors_split"},
+        "fig4_mini": {"encoder/vision", "benchmark"},
+        "table1_paper": {"encoder/vision", "benchmark", "asif"},
+        "fig4_paper": {"encoder/vision", "asif"},
+    }.items():
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
+        assert cfg.sweep_name == sweep and cfg.logger.group is None  # logger=none by default
+        assert set(cfg.hydra.sweeper.params) == params
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    paper = _compose("+sweep=table1_paper", "logger=wandb")
+    assert paper.logger.group == "table1_paper"
+    assert (paper.anchors.name, paper.encoder.text.model_name) == (
+        "cc12m",
+        "sentence-transformers/sentence-t5-base",
+    )
+
+
+def test_vit_and_dino_preprocessing_match_timm():
+    import timm
+
+    for config, model in (
+        ("vit_b16_in21k", "vit_base_patch16_224.augreg_in21k"),
+        ("dino_vits8", "vit_small_patch8_224.dino"),
+        ("efficientnet_lite2", "tf_efficientnet_lite2"),
+    ):
+        vision = _compose(f"encoder/vision={config}").encoder.vision
+        pretrained = timm.models.get_pretrained_cfg(model)
+        assert vision.model_name == model
+        assert vision.crop_size == pretrained.input_size[-1]
+        assert vision.resize_size == int(vision.crop_size / pretrained.crop_pct)
+        assert vision.interpolation == pretrained.interpolation
+        assert tuple(vision.mean) == pretrained.mean and tuple(vision.std) == pretrained.std
+
+
+@pytest.mark.parametrize(
+    "launcher, plugin, target",
+    [
+        ("local_gpus", "hydra_plugins.hydra_joblib_launcher", "JoblibLauncher"),
+        ("slurm_gpu", "hydra_plugins.hydra_submitit_launcher", "SlurmLauncher"),
+    ],
+)
+def test_launcher_configs_compose(launcher, plugin, target):
+    pytest.importorskip(plugin, reason="pip install -e '.[launchers]'")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("extract", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.job.name == "extract"

@@ -113,6 +113,8 @@ class Subset:
     """A subset of another source, in the given order."""
 
     def __init__(self, source, indices: list[int]):
+        if isinstance(source, Subset):  # flatten, so the fingerprint names the original images
+            indices, source = [source.indices[i] for i in indices], source.source
         self.source, self.indices = source, list(indices)
         self.ids = [source.ids[i] for i in self.indices]
         self.fingerprint = {**source.fingerprint, "subset_sha": sha_of(self.indices)}

@@ -3,19 +3,28 @@
 One streaming pass over the anchors, in prefix order, keeps a running top-k_max of every
 query's (and every prompt's) similarities and snapshots it at each n of the grid. Every
 (n, k, p) cell reuses that pass: a smaller k is a prefix of the sorted top-k_max, and every
-p powers the same values. Scores are sparse-sparse products, never a dense queries x n matrix.
+p powers the same values. Scores are sparse-sparse products, or, where a cell is dense enough
+for a GEMM to be cheaper, dense products over blocks that fit the memory budget; never a whole
+dense queries x n matrix. CPU and GPU run the same code; on a GPU everything stays on the device
+and only metrics and predictions come back.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+# torch warns on every sparse CSR use that the API is beta and unchecked; the engine builds its
+# CSR tensors itself (sorted, in range), and the repeated warnings would bury the run's output.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 NORMALIZE_CHOICES = ("both", "prompt", "none")
 AGGREGATION_CHOICES = ("mean", "max")
@@ -35,7 +44,9 @@ class AsifOptions:
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE_CHOICES:
-            raise ValueError(f"asif.normalize={self.normalize!r}: expected one of {NORMALIZE_CHOICES}")
+            raise ValueError(
+                f"asif.normalize={self.normalize!r}: expected one of {NORMALIZE_CHOICES}"
+            )
         if self.template_aggregation not in AGGREGATION_CHOICES:
             raise ValueError(
                 f"asif.template_aggregation={self.template_aggregation!r}: "
@@ -43,7 +54,8 @@ class AsifOptions:
             )
         if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
             raise ValueError(
-                f"asif.compute_dtype={self.compute_dtype!r}: expected 'auto' or one of {list(DTYPES)}"
+                f"asif.compute_dtype={self.compute_dtype!r}: "
+                f"expected 'auto' or one of {list(DTYPES)}"
             )
         if self.memory_budget_mb <= 0:
             raise ValueError(f"asif.memory_budget_mb={self.memory_budget_mb}: must be positive")
@@ -85,7 +97,9 @@ class TopK:
 
 def check_embeddings(name: str, embeddings: Tensor) -> None:
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"{name}: expected a non-empty 2-D tensor, got shape {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"{name}: expected a non-empty 2-D tensor, got shape {tuple(embeddings.shape)}"
+        )
     finite = torch.isfinite(embeddings).all(dim=1)
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten()[:5].tolist()
@@ -99,12 +113,20 @@ def unit_rows(embeddings: Tensor) -> Tensor:
     return torch.nn.functional.normalize(embeddings.float(), dim=1)
 
 
-def check_grid(ns: Sequence[int], ks: Sequence[int], ps: Sequence[float], n_available: int) -> None:
+def check_grid(
+    ns: Sequence[int],
+    ks: Sequence[int],
+    ps: Sequence[float],
+    n_available: int,
+    clamp_negative: bool = True,
+) -> None:
     if not ns or not ks or not ps:
         raise ValueError(f"empty grid: n={list(ns)}, k={list(ks)}, p={list(ps)}")
     for n in ns:
         if n < 1 or n > n_available:
-            raise ValueError(f"asif.n={n}: must be between 1 and the {n_available} anchors available")
+            raise ValueError(
+                f"asif.n={n}: must be between 1 and the {n_available} anchors available"
+            )
     for k in ks:
         if k < 1:
             raise ValueError(f"asif.k={k}: must be at least 1")
@@ -113,6 +135,12 @@ def check_grid(ns: Sequence[int], ks: Sequence[int], ps: Sequence[float], n_avai
     for p in ps:
         if not p > 0:
             raise ValueError(f"asif.p={p}: must be positive")
+        if not clamp_negative and p != int(p):
+            # A negative similarity has no real non-integer power: scores would be NaN.
+            raise ValueError(
+                f"asif.p={p} with asif.clamp_negative=false: negative similarities have no "
+                "real non-integer power; use an integer p or clamp negatives"
+            )
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -127,31 +155,101 @@ def _order_by_value_then_id(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor
 
 
 def select_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of each row, ties at the boundary going to the lower anchor id.
+    """Top-k of each row, sorted by (value desc, id asc); ties at the boundary go to the lower id.
 
-    `torch.topk` alone leaves the choice among equal values to the backend; rows where the
-    k-th value is tied beyond the k places are re-selected with a stable sort.
+    `torch.topk` alone leaves the choice among equal values to the backend. One extra place
+    tells which rows are affected (the (k+1)-th value equals the k-th): only those rows are
+    re-selected, and only rows with equal values inside the top-k are re-ordered, so the common
+    tie-free case costs a single `topk`.
     """
-    k = min(k, values.shape[1])
-    top_values, positions = values.topk(k, dim=1)
+    width = values.shape[1]
+    k = min(k, width)
+    top_values, positions = values.topk(min(k + 1, width), dim=1)
+    if k < width:
+        ambiguous = (top_values[:, k] == top_values[:, k - 1]).nonzero().flatten()
+        top_values, positions = top_values[:, :k].contiguous(), positions[:, :k].contiguous()
+    else:
+        ambiguous = positions.new_empty(0)
     top_ids = ids.gather(1, positions)
-    kth = top_values[:, -1:]
-    ambiguous = ((values >= kth).sum(dim=1) > k).nonzero().flatten()
     if ambiguous.numel():
-        rows_values, rows_ids = _order_by_value_then_id(values[ambiguous], ids[ambiguous])
+        # Every entry tied with the k-th value, then the stable order among them decides.
+        rows_values, rows_ids = values[ambiguous], ids[ambiguous]
+        wide = int((rows_values >= top_values[ambiguous, k - 1 :]).sum(dim=1).max())
+        rows_values, wide_positions = rows_values.topk(wide, dim=1)
+        rows_values, rows_ids = _order_by_value_then_id(
+            rows_values, rows_ids.gather(1, wide_positions)
+        )
         top_values[ambiguous], top_ids[ambiguous] = rows_values[:, :k], rows_ids[:, :k]
-    return _order_by_value_then_id(top_values, top_ids)
+    tied = (top_values[:, 1:] == top_values[:, :-1]).any(dim=1).nonzero().flatten()
+    if tied.numel():
+        top_values[tied], top_ids[tied] = _order_by_value_then_id(top_values[tied], top_ids[tied])
+    return top_values, top_ids
 
 
-def _chunk_bounds(ns: Sequence[int], chunk: int) -> list[tuple[int, int]]:
-    """Anchor ranges [start, end) of at most `chunk` anchors, cut at every n of the grid."""
+def _above_threshold(
+    sims: Tensor, threshold: Tensor, first_id: int, pad_id: int
+) -> tuple[Tensor, Tensor] | None:
+    """Entries of each row strictly above the row's threshold, as padded (rows x most) tensors.
+
+    Once the running top-k is full, a later anchor (higher id) can only enter with a value
+    strictly above the running k-th value, and after the first few thousand anchors that is a
+    small fraction of the chunk: a compare and a `nonzero` are much cheaper than a `topk` over the
+    whole chunk. Returns None when the threshold is not selective (a topk is then cheaper).
+    """
+    sample = sims[:, : min(sims.shape[1], 256)]
+    if int((sample > threshold).sum()) * 8 > sample.numel():
+        return None
+    rows, cols = (sims > threshold).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=sims.shape[0])
+    most = int(counts.max()) if rows.numel() else 0
+    values = sims.new_full((sims.shape[0], most), -torch.inf)
+    ids = torch.full_like(values, pad_id, dtype=torch.long)
+    place = torch.arange(rows.numel(), device=sims.device) - (counts.cumsum(0) - counts)[rows]
+    values[rows, place] = sims[rows, cols]
+    ids[rows, place] = cols + first_id
+    return values, ids
+
+
+def _chunk_bounds(ns: Sequence[int], chunk: int, first: int) -> list[tuple[int, int]]:
+    """Anchor ranges [start, end), cut at every n of the grid: `first` anchors, then each range
+    at most as long as all before it (and at most `chunk`).
+
+    Growing geometrically keeps the share of a range above the running k-th value (about
+    k / start for anchors in random order) small, so the threshold filter stays selective.
+    """
     bounds, start = [], 0
     for n in sorted(set(ns)):
         while start < n:
-            end = min(start + chunk, n)
+            end = min(start + (first if start == 0 else min(chunk, max(start, first))), n)
             bounds.append((start, end))
             start = end
     return bounds
+
+
+def _matmul_f32(left: Tensor, right: Tensor) -> Tensor:
+    """left @ right in float32; 16-bit GEMMs on CUDA accumulate and write float32.
+
+    Rounding similarities or scores to 16 bits would create many exact ties (top-k, argmax).
+    """
+    if left.is_cuda and left.dtype != torch.float32:
+        try:
+            return torch.mm(left, right, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch or a dtype without mm(out_dtype=...)
+            pass
+    return (left @ right).float()
+
+
+def _similarities(block: Tensor, anchors: Tensor) -> Tensor:
+    """float32 (rows x anchors) similarities."""
+    return _matmul_f32(block, anchors.T)
+
+
+def _resident(anchors: Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether all anchors fit on the device (half of its free memory); else copy per chunk."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return anchors.numel() * dtype.itemsize <= free // 2
 
 
 def streaming_topk(
@@ -162,11 +260,12 @@ def streaming_topk(
     options: AsifOptions = AsifOptions(),
     desc: str = "top-k",
     progress: bool = True,
+    to_cpu: bool = True,
 ) -> dict[int, TopK]:
     """Running top-k_max of unit-norm `queries` against the first n `anchors`, for every n in `ns`.
 
     Anchors are visited once in prefix order; at most `options.memory_budget_mb` of similarities
-    exist at a time. Returned tensors live on the CPU.
+    exist at a time. Returned tensors live on the CPU, or on the compute device if not `to_cpu`.
     """
     device = options.resolved_device()
     dtype = options.resolved_dtype(device)
@@ -175,50 +274,67 @@ def streaming_topk(
     rows = queries.shape[0]
     budget = options.budget_elements
     # Prefer all rows at once and long anchor chunks; split rows only when a useful chunk
-    # (a few times k_max) would not fit.
+    # (a few times k_max) would not fit. A short first chunk gives an early threshold.
     min_chunk = min(n_max, max(4 * k_max, 4096))
     rows_per_block = max(1, min(rows, budget // min_chunk))
     chunk = max(1, min(n_max, budget // rows_per_block))
-    bounds = _chunk_bounds(ns, chunk)
+    bounds = _chunk_bounds(ns, chunk, first=min(chunk, min_chunk))
 
-    anchors_on_device = anchors[:n_max].to(device=device, dtype=dtype)
+    anchors = anchors[:n_max]
+    if _resident(anchors, device, dtype):
+        anchors = anchors.to(device=device, dtype=dtype)
     snapshots: dict[int, list[tuple[Tensor, Tensor]]] = {n: [] for n in ns}
     bar = tqdm(
         total=len(bounds) * math.ceil(rows / rows_per_block), desc=desc, disable=not progress
     )
     for row_start in range(0, rows, rows_per_block):
         block = queries[row_start : row_start + rows_per_block].to(device=device, dtype=dtype)
-        run_values = torch.empty(block.shape[0], 0, device=device)
-        run_ids = torch.empty(block.shape[0], 0, dtype=torch.long, device=device)
+        run_values = run_ids = None
         for start, end in bounds:
-            sims = (block @ anchors_on_device[start:end].T).float()
-            ids = torch.arange(start, end, device=device).expand_as(sims)
-            chunk_values, chunk_ids = select_topk(sims, ids, k_max)
-            run_values, run_ids = select_topk(
-                torch.cat([run_values, chunk_values], dim=1),
-                torch.cat([run_ids, chunk_ids], dim=1),
-                k_max,
-            )
+            sims = _similarities(block, anchors[start:end].to(device=device, dtype=dtype))
+            found = None
+            if run_values is not None and run_values.shape[1] == k_max:
+                found = _above_threshold(sims, run_values[:, -1:], start, n_max)
+            if found is None:
+                ids = torch.arange(start, end, device=device).expand_as(sims)
+                found = select_topk(sims, ids, k_max)
+            if run_values is None:
+                run_values, run_ids = found
+            elif found[0].shape[1]:
+                run_values, run_ids = select_topk(
+                    torch.cat([run_values, found[0]], dim=1),
+                    torch.cat([run_ids, found[1]], dim=1),
+                    k_max,
+                )
             if end in snapshots:
-                snapshots[end].append((run_values.cpu(), run_ids.cpu()))
+                snapshots[end].append((run_values, run_ids))
             bar.update()
     bar.close()
-    return {
-        n: TopK(torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts]), n)
-        for n, parts in snapshots.items()
-    }
+    out = {}
+    for n, parts in snapshots.items():
+        values, ids = torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+        out[n] = TopK(values.cpu(), ids.cpu(), n) if to_cpu else TopK(values, ids, n)
+    return out
 
 
 def _memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) -> dict[int, TopK]:
     """Top-k snapshots from `memo` where a wide enough one exists; the rest in one pass."""
     memo = {} if memo is None else memo
-    key = (side, options.resolved_dtype(options.resolved_device()))
+    device = options.resolved_device()
+    key = (side, str(device), options.resolved_dtype(device))
     found = {n: memo[key + (n,)] for n in ns if key + (n,) in memo}
     found = {n: top for n, top in found.items() if top.values.shape[1] >= min(k_max, n)}
     missing = [n for n in ns if n not in found]
     if missing:
         computed = streaming_topk(
-            unit_rows(queries), unit_rows(anchors), missing, k_max, options, f"{side} top-k", progress
+            unit_rows(queries),
+            unit_rows(anchors),
+            missing,
+            k_max,
+            options,
+            f"{side} top-k",
+            progress,
+            to_cpu=False,
         )
         found.update(computed)
         memo.update({key + (n,): top for n, top in computed.items()})
@@ -228,72 +344,238 @@ def _memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) -
 # ----------------------------------------------------------------------------- representations
 
 
+def _process(values: Tensor, p: float, clamp_negative: bool, normalize: bool) -> Tensor:
+    """(rows, k) top-k similarities -> values of the relative representation (row order kept)."""
+    if clamp_negative:
+        values = values.clamp_min(0.0)
+    # An integer power is repeated multiplication (faster than the generic float pow).
+    values = values.pow(int(p) if float(p).is_integer() else p)
+    if normalize:
+        values = values / values.norm(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    return values
+
+
+def _check_k(top: TopK, k: int) -> None:
+    if k > top.n:
+        raise ValueError(f"k={k} exceeds n={top.n}: cannot keep more anchors than there are")
+
+
+@dataclass
+class _SparseLayout:
+    """A top-k representation at one (n, k) laid out as a CSR matrix, values still to compute.
+
+    The layout depends on (n, k) only, so every p of the grid reuses it: one sort per (n, k).
+    """
+
+    crow: Tensor
+    col: Tensor
+    base: Tensor  # (rows, k) top-k similarities, each row in its own order
+    order: Tensor | None  # positions in the flattened processed values, in CSR order
+    shape: tuple[int, int]
+
+    def csr(self, p: float, clamp_negative: bool, normalize: bool) -> Tensor:
+        values = _process(self.base, p, clamp_negative, normalize).reshape(-1)
+        values = values if self.order is None else values[self.order]
+        return torch.sparse_csr_tensor(
+            self.crow, self.col, values, self.shape, check_invariants=False
+        )
+
+
+def _row_layout(top: TopK, k: int) -> _SparseLayout:
+    """(rows x n), each row's anchors sorted (CSR kernels want sorted column indices)."""
+    _check_k(top, k)
+    col, order = top.indices[:, :k].sort(dim=1)
+    rows = col.shape[0]
+    crow = torch.arange(0, rows * k + 1, k, device=col.device)
+    base = top.values[:, :k].gather(1, order)
+    return _SparseLayout(crow, col.reshape(-1), base, None, (rows, top.n))
+
+
+def _transposed_layout(top: TopK, k: int, by_anchor: Tensor | None = None) -> _SparseLayout:
+    """(n x rows): the transposed representation, built directly instead of transposing a CSR.
+
+    `by_anchor`, the stable argsort of `top.indices.reshape(-1)` (by anchor, then by row), is
+    shared by every k at one n: keeping the entries of rank < k keeps that order.
+    """
+    _check_k(top, k)
+    rows, width = top.indices.shape
+    if by_anchor is None:
+        by_anchor = top.indices.reshape(-1).argsort(stable=True)
+    if k < width:
+        by_anchor = by_anchor[by_anchor % width < k]
+    row, rank = by_anchor // width, by_anchor % width
+    crow = torch.zeros(top.n + 1, dtype=torch.long, device=row.device)
+    crow[1:] = torch.bincount(top.indices.reshape(-1)[by_anchor], minlength=top.n).cumsum(0)
+    return _SparseLayout(crow, row, top.values[:, :k], row * k + rank, (top.n, rows))
+
+
 def relative_representation(
     top: TopK, k: int, p: float, clamp_negative: bool, normalize: bool
 ) -> Tensor:
     """Sparse CSR (rows x n): top-k similarities, clamped (optionally), raised to p, normalised."""
-    if k > top.n:
-        raise ValueError(f"k={k} exceeds n={top.n}: cannot keep more anchors than there are")
-    values, ids = top.values[:, :k], top.indices[:, :k]
-    if clamp_negative:
-        values = values.clamp_min(0.0)
-    values = values.pow(p)
-    if normalize:
-        values = values / values.norm(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
-    return _csr_from_rows(values, ids, top.n)
+    return _row_layout(top, k).csr(p, clamp_negative, normalize)
 
 
-def _csr_from_rows(values: Tensor, ids: Tensor, n: int) -> Tensor:
-    ids, order = ids.sort(dim=1)  # CSR kernels want sorted column indices
-    values = values.gather(1, order)
-    rows, width = ids.shape
-    crow = torch.arange(0, rows * width + 1, width, dtype=torch.long)
+def _csr_row_ids(matrix: Tensor) -> Tensor:
+    crow = matrix.crow_indices()
+    return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+
+
+def _scale_csr(matrix: Tensor, scale: Tensor) -> Tensor:
     return torch.sparse_csr_tensor(
-        crow, ids.reshape(-1), values.reshape(-1), (rows, n), check_invariants=False
+        matrix.crow_indices(),
+        matrix.col_indices(),
+        matrix.values() * scale,
+        matrix.shape,
+        check_invariants=False,
     )
 
 
 def _normalize_csr_rows(matrix: Tensor) -> Tensor:
-    coo = matrix.to_sparse_coo().coalesce()
-    row, values = coo.indices()[0], coo.values()
-    norms = torch.zeros(matrix.shape[0]).index_add_(0, row, values * values).sqrt()
-    values = values / norms[row].clamp_min(torch.finfo(values.dtype).tiny)
-    return torch.sparse_coo_tensor(coo.indices(), values, coo.shape).to_sparse_csr()
+    rows, values = _csr_row_ids(matrix), matrix.values()
+    norms = torch.zeros(matrix.shape[0], device=values.device).index_add_(0, rows, values * values)
+    return _scale_csr(matrix, 1 / norms.sqrt().clamp_min(torch.finfo(values.dtype).tiny)[rows])
 
 
-def class_representation(prompt_rr: Tensor, prompt_class: Tensor, num_classes: int, normalize: bool):
-    """Mean of each class's prompt representations (a sparse C x n matrix)."""
+def _normalize_csr_columns(matrix: Tensor) -> Tensor:
+    cols, values = matrix.col_indices(), matrix.values()
+    norms = torch.zeros(matrix.shape[1], device=values.device).index_add_(0, cols, values * values)
+    return _scale_csr(matrix, 1 / norms.sqrt().clamp_min(torch.finfo(values.dtype).tiny)[cols])
+
+
+def _class_counts(prompt_class: Tensor, num_classes: int) -> Tensor:
     counts = torch.bincount(prompt_class, minlength=num_classes).float()
     if bool((counts == 0).any()):
         missing = (counts == 0).nonzero().flatten()[:5].tolist()
         raise ValueError(f"classes without any prompt: {missing}")
-    prompts = torch.arange(len(prompt_class))
-    averaging = torch.sparse_coo_tensor(
-        torch.stack([prompt_class, prompts]), 1.0 / counts[prompt_class], (num_classes, len(prompts))
-    ).to_sparse_csr()
+    return counts
+
+
+def _averaging_t(prompt_class: Tensor, num_classes: int) -> Tensor:
+    """CSR (prompts x classes) with 1/|class| at (prompt, class of prompt)."""
+    counts = _class_counts(prompt_class, num_classes)
+    prompts = len(prompt_class)
+    crow = torch.arange(prompts + 1, device=prompt_class.device)
+    return torch.sparse_csr_tensor(
+        crow,
+        prompt_class,
+        1.0 / counts[prompt_class],
+        (prompts, num_classes),
+        check_invariants=False,
+    )
+
+
+def class_representation(
+    prompt_rr: Tensor, prompt_class: Tensor, num_classes: int, normalize: bool
+):
+    """Mean of each class's prompt representations (a sparse C x n matrix)."""
+    counts = _class_counts(prompt_class, num_classes)
+    order = prompt_class.argsort(stable=True)
+    crow = torch.zeros(num_classes + 1, dtype=torch.long, device=prompt_class.device)
+    crow[1:] = counts.long().cumsum(0)
+    averaging = torch.sparse_csr_tensor(
+        crow,
+        order,
+        1.0 / counts[prompt_class[order]],
+        (num_classes, len(prompt_class)),
+        check_invariants=False,
+    )
     classes = averaging @ prompt_rr
     return _normalize_csr_rows(classes) if normalize else classes
 
 
+def _csr_rows(matrix: Tensor, start: int, end: int) -> Tensor:
+    crow = matrix.crow_indices()
+    lo, hi = int(crow[start]), int(crow[end])
+    return torch.sparse_csr_tensor(
+        crow[start : end + 1] - lo,
+        matrix.col_indices()[lo:hi],
+        matrix.values()[lo:hi],
+        (end - start, matrix.shape[1]),
+        check_invariants=False,
+    )
+
+
+def _sparse_dense_product(left: Tensor, right: Tensor, out: Tensor) -> None:
+    """out = left (CSR) @ right (CSR), `out` dense."""
+    if left.device.type == "cpu":
+        # MKL writes the dense result directly: about twice as fast as a sparse product + to_dense.
+        try:
+            torch.addmm(out, left, right, beta=0, out=out)  # beta=0: `out` is not read
+            return
+        except (RuntimeError, NotImplementedError):  # a build without MKL sparse
+            pass
+    out.copy_((left @ right).to_dense())
+
+
+# Cost of one multiply-add of a sparse-sparse product, in units of one multiply-add of a dense GEMM
+# (in the compute dtype), per device type. CPU: measured on the 2-core EPYC (MKL addmm against a
+# float32 GEMM; 40-150 from n = 10k to 50k at k = 800). CUDA: not measured, a guess (cuSPARSE
+# SpGEMM, ~1e9-1e10 products/s, against bf16 tensor cores, ~3e14 MAC/s); calibrate it with the
+# benchmark on a GPU.
+SPARSE_MAC_COST = {"cpu": 40.0, "cuda": 1e4}
+
+
+def _use_dense(
+    rows: int,
+    targets: int,
+    n: int,
+    k_image: int,
+    k_target: float,
+    budget: int,
+    device: torch.device,
+) -> bool:
+    """Dense GEMM when cheaper than the sparse product and the dense target fits the budget.
+
+    A sparse product costs rows * k_image * (nnz of the target per anchor) multiply-adds, where a
+    dense one costs rows * n * targets; at small n (density k/n high) dense wins.
+    """
+    if n * targets > budget:
+        return False
+    sparse = (
+        rows
+        * k_image
+        * (targets * k_target / n)
+        * SPARSE_MAC_COST.get(device.type, SPARSE_MAC_COST["cpu"])
+    )
+    return rows * n * targets < sparse
+
+
+def _scores_t(
+    image_rr: Tensor, target_t: Tensor, budget: int, dense: bool, dtype: torch.dtype
+) -> Tensor:
+    """Dense float32 (images x targets) = image_rr (CSR images x n) @ target_t (CSR n x targets),
+    in image chunks whose dense blocks (or sparse intermediate products) fit `budget` elements."""
+    (images, n), targets = image_rr.shape, target_t.shape[1]
+    if dense:
+        target_dense = target_t.to_dense().to(dtype)
+        per_row = max(n, targets)
+    else:  # a sparse product's intermediate products per image row
+        per_row = image_rr.values().numel() / images * target_t.values().numel() / n
+        per_row = max(targets, int(per_row))
+    rows_per_chunk = max(1, budget // max(1, per_row))
+    out = torch.empty(images, targets, device=image_rr.device)
+    for start in range(0, images, rows_per_chunk):
+        end = min(start + rows_per_chunk, images)
+        chunk = _csr_rows(image_rr, start, end)
+        if dense:
+            out[start:end] = _matmul_f32(chunk.to_dense().to(dtype), target_dense)
+        else:
+            _sparse_dense_product(chunk, target_t, out[start:end])
+    return out
+
+
+def _transpose_csr(matrix: Tensor) -> Tensor:
+    return matrix.t().to_sparse_csr()
+
+
 def sparse_scores(image_rr: Tensor, target_rr: Tensor, options: AsifOptions) -> Tensor:
-    """Dense (images x targets) dot products of two sparse CSR matrices, in image chunks."""
+    """Dense (images x targets) dot products of two sparse CSR matrices, returned on the CPU."""
     device = options.resolved_device()
-    target_t = target_rr.t().to_sparse_csr().to(device)  # (n x targets)
-    rows_per_chunk = max(1, options.budget_elements // max(1, target_rr.shape[0]))
-    crow, col, val = image_rr.crow_indices(), image_rr.col_indices(), image_rr.values()
-    out = []
-    for start in range(0, image_rr.shape[0], rows_per_chunk):
-        end = min(start + rows_per_chunk, image_rr.shape[0])
-        lo, hi = int(crow[start]), int(crow[end])
-        chunk = torch.sparse_csr_tensor(
-            crow[start : end + 1] - lo,
-            col[lo:hi],
-            val[lo:hi],
-            (end - start, image_rr.shape[1]),
-            check_invariants=False,
-        ).to(device)
-        out.append((chunk @ target_t).to_dense().cpu())
-    return torch.cat(out)
+    target_t = _transpose_csr(target_rr.to(device))
+    return _scores_t(
+        image_rr.to(device), target_t, options.budget_elements, False, torch.float32
+    ).cpu()
 
 
 # ----------------------------------------------------------------------------- scoring and metrics
@@ -324,8 +606,24 @@ class CellResult:
         }
 
 
+def _max_over_templates(prompt_scores: Tensor, prompt_class: Tensor, num_classes: int) -> Tensor:
+    """(images x classes): each class's best prompt."""
+    images, prompts = prompt_scores.shape
+    templates = prompts // num_classes
+    grouped = torch.arange(num_classes, device=prompt_class.device).repeat_interleave(templates)
+    if templates * num_classes == prompts and torch.equal(prompt_class, grouped):
+        # prompts grouped by class, as many per class: a reshape instead of a scatter
+        return prompt_scores.view(images, num_classes, templates).amax(dim=2)
+    out = prompt_scores.new_full((images, num_classes), -torch.inf)
+    return out.scatter_reduce(1, prompt_class.expand(images, -1), prompt_scores, reduce="amax")
+
+
 def class_scores(
-    image_rr: Tensor, prompt_rr: Tensor, prompt_class: Tensor, num_classes: int, options: AsifOptions
+    image_rr: Tensor,
+    prompt_rr: Tensor,
+    prompt_class: Tensor,
+    num_classes: int,
+    options: AsifOptions,
 ) -> Tensor:
     """(images x classes) scores under the configured template aggregation."""
     normalize_prompt = options.normalize in ("both", "prompt")
@@ -333,25 +631,31 @@ def class_scores(
         classes = class_representation(prompt_rr, prompt_class, num_classes, normalize_prompt)
         return sparse_scores(image_rr, classes, options)
     prompt_scores = sparse_scores(image_rr, prompt_rr, options)
-    out = torch.full((prompt_scores.shape[0], num_classes), -torch.inf)
-    index = prompt_class.expand(prompt_scores.shape[0], -1)
-    return out.scatter_reduce(1, index, prompt_scores, reduce="amax")
+    return _max_over_templates(prompt_scores, prompt_class.cpu(), num_classes)
 
 
 def accuracy_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> dict:
     """top-1, top-5, per-class accuracy; argmax ties go to the lower class index."""
+    labels = labels.to(scores.device)
     predictions = scores.argmax(dim=1)
     correct = predictions == labels
     top5_k = min(5, num_classes)
     # Rank of the true class: classes scoring strictly higher, plus ties at lower index.
     true_scores = scores.gather(1, labels[:, None])
-    higher = (scores > true_scores).sum(1)
-    tied_before = ((scores == true_scores) & (torch.arange(num_classes) < labels[:, None])).sum(1)
-    in_top5 = (higher + tied_before) < top5_k
-    per_class = []
-    for c in range(num_classes):
-        mask = labels == c
-        per_class.append(float(correct[mask].float().mean()) if bool(mask.any()) else float("nan"))
+    fifth = scores.topk(top5_k, dim=1).values[:, -1:]
+    in_top5 = true_scores > fifth
+    # Only where the true class ties with the fifth score does the rank need counting.
+    tied = (true_scores == fifth).flatten().nonzero().flatten()
+    if tied.numel():
+        rows, true_tied = scores[tied], true_scores[tied]
+        higher = (rows > true_tied).sum(1)
+        classes = torch.arange(num_classes, device=scores.device)
+        tied_before = ((rows == true_tied) & (classes < labels[tied, None])).sum(1)
+        in_top5[tied] = ((higher + tied_before) < top5_k)[:, None]
+    in_top5 = in_top5.flatten()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    hits = torch.bincount(labels, weights=correct.double(), minlength=num_classes)
+    per_class = (hits / counts).tolist()  # nan for classes without images
     present = [a for a in per_class if not math.isnan(a)]
     return {
         "predictions": predictions,
@@ -383,6 +687,7 @@ def evaluate_grid(
     Cells with k > n are skipped (listed in the returned timings under "skipped").
     `topk_memo`, a dict the caller keeps between calls on the same embeddings (the jobs of a
     multirun), lets later calls reuse top-k passes instead of redoing them.
+    Everything stays on the compute device; only metrics and predictions come back to the CPU.
     Returns (cells, timings).
     """
     ns, ks, ps = sorted(set(ns)), sorted(set(ks)), sorted(set(ps))
@@ -402,8 +707,13 @@ def evaluate_grid(
         raise ValueError("labels / prompt_class must have one entry per image / prompt")
     if num_classes < 1:
         raise ValueError("the class list is empty")
-    check_grid(ns, ks, ps, anchor_image_embeddings.shape[0])
-    labels, prompt_class = labels.long().cpu(), prompt_class.long().cpu()
+    check_grid(ns, ks, ps, anchor_image_embeddings.shape[0], options.clamp_negative)
+    device = options.resolved_device()
+    dtype = options.resolved_dtype(device)
+    labels, prompt_class = labels.long().to(device), prompt_class.long().to(device)
+    mean = options.template_aggregation == "mean"
+    # Built before the top-k pass so that a class without prompts fails fast.
+    averaging_t = _averaging_t(prompt_class, num_classes) if mean else None
 
     timings: dict = {"skipped": [[n, k] for n in ns for k in ks if k > n]}
     k_max = max(k for k in ks if k <= ns[-1])
@@ -414,28 +724,60 @@ def evaluate_grid(
     prompt_top = _memoized_topk(
         topk_memo, "prompt", prompt_embeddings, anchor_text_embeddings, ns, k_max, options, progress
     )
+    _synchronize(device)
     timings["topk_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     normalize_image = options.normalize == "both"
     normalize_prompt = options.normalize in ("both", "prompt")
+    images, prompts = len(labels), len(prompt_class)
     cells = []
-    valid = [(n, k, p) for n in ns for k in ks if k <= n for p in ps]
-    for n, k, p in tqdm(valid, desc="grid cells", disable=not progress or len(valid) == 1):
-        image_rr = relative_representation(
-            image_top[n], k, p, options.clamp_negative, normalize_image
-        )
-        prompt_rr = relative_representation(
-            prompt_top[n], k, p, options.clamp_negative, normalize_prompt
-        )
-        scores = class_scores(image_rr, prompt_rr, prompt_class, num_classes, options)
-        metrics = accuracy_metrics(scores, labels, num_classes)
-        no_overlap = float((scores == 0).all(dim=1).float().mean())
-        cells.append(
-            CellResult(
-                n=n, k=k, p=p, no_overlap_fraction=no_overlap,
-                scores=scores if keep_scores else None, **metrics,
+    valid = [(n, k) for n in ns for k in ks if k <= n]
+    bar = tqdm(
+        total=len(valid) * len(ps),
+        desc="grid cells",
+        disable=not progress or len(valid) * len(ps) == 1,
+    )
+    prompt_by_anchor = {}
+    for n, k in valid:
+        # The sparsity patterns depend on (n, k) only: built once, reused for every p.
+        if n not in prompt_by_anchor:
+            prompt_by_anchor = {n: prompt_top[n].indices.reshape(-1).argsort(stable=True)}
+        image_layout = _row_layout(image_top[n], k)
+        prompt_layout = _transposed_layout(prompt_top[n], k, prompt_by_anchor[n])
+        targets = num_classes if mean else prompts
+        k_target = k * prompts / num_classes if mean else k  # a class holds its prompts' anchors
+        dense = _use_dense(images, targets, n, k, min(k_target, n), options.budget_elements, device)
+        for p in ps:
+            image_rr = image_layout.csr(p, options.clamp_negative, normalize_image)
+            prompt_t = prompt_layout.csr(p, options.clamp_negative, normalize_prompt)
+            if mean:
+                classes_t = prompt_t @ averaging_t  # (n x classes), the class means
+                if normalize_prompt:
+                    classes_t = _normalize_csr_columns(classes_t)
+                scores = _scores_t(image_rr, classes_t, options.budget_elements, dense, dtype)
+            else:
+                prompt_scores = _scores_t(image_rr, prompt_t, options.budget_elements, dense, dtype)
+                scores = _max_over_templates(prompt_scores, prompt_class, num_classes)
+            metrics = accuracy_metrics(scores, labels, num_classes)
+            metrics["predictions"] = metrics["predictions"].cpu()
+            no_overlap = float((scores == 0).all(dim=1).float().mean())
+            cells.append(
+                CellResult(
+                    n=n,
+                    k=k,
+                    p=p,
+                    no_overlap_fraction=no_overlap,
+                    scores=scores.cpu() if keep_scores else None,
+                    **metrics,
+                )
             )
-        )
+            bar.update()
+    bar.close()
     timings["scoring_s"] = time.perf_counter() - start
     return cells, timings
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

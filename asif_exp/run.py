@@ -40,7 +40,7 @@ def grid_values(cfg: DictConfig, n_available: int) -> tuple[list[int], list[int]
             ) from None
 
     ns, ks, ps = parse("n", int, n_available), parse("k", int), parse("p", float)
-    check_grid(ns, ks, ps, n_available)
+    check_grid(ns, ks, ps, n_available, cfg.asif.clamp_negative)
     return ns, ks, ps
 
 

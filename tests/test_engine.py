@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from asif_exp import engine
 from asif_exp.engine import (
     AUTHORS_OPTIONS,
     AsifOptions,
@@ -150,3 +151,91 @@ def test_bad_options_are_clear_errors():
         AsifOptions(normalize="images")
     with pytest.raises(ValueError, match="template_aggregation"):
         AsifOptions(template_aggregation="median")
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 3, 8, 20, 24])
+def test_select_topk_matches_a_full_sort_under_heavy_ties(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 6, (50, 24), generator=g).float()  # many exact ties
+    ids = torch.stack([torch.randperm(1000, generator=g)[:24] for _ in range(50)])
+    by_id = ids.argsort(dim=1)
+    ref_values, ref_ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = ref_values.argsort(dim=1, descending=True, stable=True)
+    ref_values, ref_ids = ref_values.gather(1, by_value)[:, :k], ref_ids.gather(1, by_value)[:, :k]
+    top_values, top_ids = select_topk(values, ids, k)
+    assert torch.equal(top_ids, ref_ids)
+    assert torch.equal(top_values, ref_values)
+
+
+@pytest.mark.parametrize("option_set", OPTION_SETS)
+@pytest.mark.parametrize("path_cost", [0.0, 1e12], ids=["sparse", "dense"])
+def test_dense_and_sparse_scoring_paths_match_the_reference(option_set, path_cost, monkeypatch):
+    # The per-cell choice between a dense GEMM and a sparse product must not change results.
+    monkeypatch.setitem(engine.SPARSE_MAC_COST, "cpu", path_cost)
+    problem = random_problem(7)
+    options = AsifOptions(device="cpu", **option_set)
+    cells, _ = evaluate_grid(**problem, ns=[120, 300], ks=[5, 60], ps=[1, 8],
+                             options=options, keep_scores=True, progress=False)
+    for cell in cells:
+        expected = dense_reference_scores(
+            problem["image_embeddings"], problem["anchor_image_embeddings"],
+            problem["prompt_embeddings"], problem["anchor_text_embeddings"],
+            problem["prompt_class"], problem["num_classes"], cell.n, cell.k, cell.p,
+            options.clamp_negative, options.normalize, options.template_aggregation,
+        )
+        torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["random", "increasing"])
+def test_threshold_shortcut_and_its_fallback_match_topk(order, monkeypatch):
+    # Random order: later chunks are filtered by the running k-th value. Anchors in increasing
+    # similarity to every query: each chunk beats the running top-k, the filter is not selective
+    # and must give way to a plain top-k. Both must give the dense top-k.
+    calls = []
+    original = engine._above_threshold
+    monkeypatch.setattr(
+        engine, "_above_threshold", lambda *a: calls.append(original(*a)) or calls[-1]
+    )
+    g = torch.Generator().manual_seed(8)
+    direction = unit_rows(torch.randn(1, 8, generator=g))
+    queries = unit_rows(direction + 0.01 * torch.randn(20, 8, generator=g))
+    anchors = unit_rows(torch.randn(20_000, 8, generator=g))
+    if order == "increasing":
+        anchors = anchors[(anchors @ direction.T).flatten().argsort()]
+    top = streaming_topk(queries, anchors, [20_000], 30,
+                         AsifOptions(device="cpu", memory_budget_mb=0.05), progress=False)[20_000]
+    values, ids = (queries @ anchors.T).topk(30, dim=1)
+    assert torch.equal(top.indices, ids)
+    torch.testing.assert_close(top.values, values)
+    assert calls and all((found is None) == (order == "increasing") for found in calls)
+
+
+def test_public_class_representation_and_sparse_scores_match_dense():
+    g = torch.Generator().manual_seed(9)
+    queries = unit_rows(torch.randn(12, 6, generator=g))
+    anchors = unit_rows(torch.randn(80, 6, generator=g))
+    prompts = unit_rows(torch.randn(9, 6, generator=g))
+    prompt_class = torch.tensor([2, 0, 1, 2, 0, 1, 1, 0, 2])  # not grouped by class
+    options = AsifOptions(device="cpu")
+    image_rr = relative_representation(
+        streaming_topk(queries, anchors, [80], 10, options, progress=False)[80], 10, 2, True, True
+    )
+    prompt_rr = relative_representation(
+        streaming_topk(prompts, anchors, [80], 10, options, progress=False)[80], 10, 2, True, True
+    )
+    classes = engine.class_representation(prompt_rr, prompt_class, 3, normalize=True).to_dense()
+    dense = prompt_rr.to_dense()
+    expected = torch.nn.functional.normalize(
+        torch.stack([dense[prompt_class == c].mean(0) for c in range(3)]), dim=1
+    )
+    torch.testing.assert_close(classes, expected)
+    torch.testing.assert_close(
+        engine.sparse_scores(image_rr, prompt_rr, options), image_rr.to_dense() @ dense.T
+    )
+    scores = engine.class_scores(image_rr, prompt_rr, prompt_class, 3,
+                                 AsifOptions(device="cpu", template_aggregation="max"))
+    products = image_rr.to_dense() @ dense.T
+    torch.testing.assert_close(
+        scores, torch.stack([products[:, prompt_class == c].amax(1) for c in range(3)], dim=1)
+    )

@@ -236,11 +236,6 @@ def test_fractional_p_with_clamping_equals_the_dense_reference(problem, p):
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: without clamping, a negative similarity raised to a non-integer p is NaN, "
-    "and the NaN scores are silently turned into predictions",
-)
 def test_fractional_p_without_clamping_is_finite_or_refused():
     g = torch.Generator().manual_seed(0)
     try:
@@ -259,6 +254,7 @@ def test_fractional_p_without_clamping_is_finite_or_refused():
             keep_scores=True,
             progress=False,
         )
-    except ValueError:
-        return  # refusing the combination is as good as handling it
+    except ValueError as error:
+        assert "clamp_negative=false" in str(error)  # refused, naming the combination
+        return
     assert torch.isfinite(cells[0].scores).all()

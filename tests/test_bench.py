@@ -1,0 +1,61 @@
+"""A tiny run of experiments/bench/bench_engine.py: the engine and the authors' algorithm agree.
+
+No timing assertions: the benchmark prints times, the test only checks that it runs and that
+both implementations predict the same class for every image in every cell.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench_engine.py"
+TINY = [
+    "--scale", "custom", "--device", "cpu", "--queries", "60", "--classes", "5",
+    "--templates", "3", "--anchors", "3000", "--dim", "16", "--ns", "1000,2000,3000",
+    "--ks", "5,20", "--ps", "1,8", "--k", "20", "--dic-size", "1000",
+    "--baseline-grid", "measure",
+]  # fmt: skip
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_engine", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_identical(report: dict, cells: int) -> None:
+    assert report["grid"]["cells"] == cells
+    for part in ("single", "grid"):
+        agreement = report[part]["agreement"]
+        assert agreement["identical_cells"] == agreement["cells"] > 0, (part, agreement)
+        assert agreement["min_fraction"] == 1.0
+
+
+def test_bench_engine_agrees_with_the_authors_algorithm(tmp_path):
+    # Default authors' budget: the image x prompt product is a dense einsum.
+    report = load_bench().main([*TINY, "--json", str(tmp_path / "bench.json")])
+    assert_identical(report, cells=3 * 2 * 2)
+    assert report["grid"]["baseline_label"] == "measured"
+    assert json.loads((tmp_path / "bench.json").read_text())["grid"]["cells"] == 12
+    assert report["single"]["engine_top1"] > 0.4  # the synthetic classes are learnable (chance 0.2)
+    assert [row["n"] for row in report["scaling"]] == [1000, 2000, 3000]
+
+
+@pytest.mark.parametrize("baseline_gb", ["0.0001"])
+def test_bench_cli_with_the_authors_sparse_branch(tmp_path, baseline_gb):
+    # A tiny authors' budget: query rows split, and the product by torch.sparse.mm in 6 chunks.
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--baseline-gb", baseline_gb, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "whole grid (12 cells)" in result.stdout
+    assert_identical(json.loads(out.read_text()), cells=12)

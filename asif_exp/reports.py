@@ -37,6 +37,7 @@ ENCODER_LABELS = {
     "vit_base_patch16_224.augreg_in21k": "ViT-B/16 sup. IN-21k",
     "vit_small_patch8_224.dino": "DINO ViT-S/8 unsup.",
     "efficientnet_lite0": "EfficientNet-Lite0",
+    "tf_efficientnet_lite0": "EfficientNet-Lite0",
     "efficientnet_lite2": "EfficientNet-Lite2",
     "tf_efficientnet_lite2": "EfficientNet-Lite2",
     "sentence-transformers/sentence-t5-base": "sentence-T5-base",

@@ -246,7 +246,11 @@ def load_anchors(cfg, data_root: str) -> AnchorSet:
         rows = _read_pairs_file(path, cfg)
         if cfg.limit is not None:
             rows = rows[: cfg.limit]
-        image_root = _resolve(cfg.image_root, data_root, f"anchors {cfg.name} images") if cfg.image_root else path.parent
+        image_root = (
+            _resolve(cfg.image_root, data_root, f"anchors {cfg.name} images")
+            if cfg.image_root
+            else path.parent
+        )
         images = ImageFiles(image_root, [str(r[cfg.image_column]) for r in rows])
         anchors = AnchorSet(cfg.name, images, [str(r[cfg.caption_column]) for r in rows])
     elif cfg.loader == "hf":
@@ -310,8 +314,14 @@ def load_benchmark(cfg, data_root: str) -> Benchmark:
     what = f"benchmark {cfg.name}"
     class_names = load_class_names(cfg.class_names) if cfg.class_names else None
     if cfg.loader == "synthetic":
-        shapes = SyntheticShapes(cfg.seed, cfg.start, cfg.num_samples, cfg.image_size, cfg.label_attribute)
-        images, labels, class_names = SyntheticImages(shapes), shapes.labels, class_names or shapes.class_names
+        shapes = SyntheticShapes(
+            cfg.seed, cfg.start, cfg.num_samples, cfg.image_size, cfg.label_attribute
+        )
+        images, labels, class_names = (
+            SyntheticImages(shapes),
+            shapes.labels,
+            class_names or shapes.class_names,
+        )
     elif cfg.loader == "image_folder":
         root = _resolve(cfg.root, data_root, what)
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -324,7 +334,9 @@ def load_benchmark(cfg, data_root: str) -> Benchmark:
             normalised = {name.lower().replace("_", " "): i for i, name in enumerate(class_names)}
             unknown = [f for f in folders if f.lower().replace("_", " ") not in normalised]
             if unknown:
-                raise DataError(f"{what}: folders {unknown[:5]} in {root} match no class of {cfg.class_names}")
+                raise DataError(
+                    f"{what}: folders {unknown[:5]} in {root} match no class of {cfg.class_names}"
+                )
             folder_label = {f: normalised[f.lower().replace("_", " ")] for f in folders}
         paths, labels = [], []
         for folder in folders:
@@ -340,7 +352,10 @@ def load_benchmark(cfg, data_root: str) -> Benchmark:
             rows = list(csv.DictReader(handle))
         if rows and ("file" not in rows[0] or "label" not in rows[0]):
             raise DataError(f"{labels_file}: expected columns 'file' and 'label'")
-        images, labels = ImageFiles(root, [r["file"] for r in rows]), [int(r["label"]) for r in rows]
+        images, labels = (
+            ImageFiles(root, [r["file"] for r in rows]),
+            [int(r["label"]) for r in rows],
+        )
     elif cfg.loader == "hf":
         dataset = _load_hf(cfg.root, cfg.hf_config, cfg.split, data_root, what)
         images = HFImages(dataset, cfg.image_column, f"{cfg.root}:{cfg.split}")
@@ -363,14 +378,20 @@ def load_benchmark(cfg, data_root: str) -> Benchmark:
     if cfg.get("authors_split"):
         split, seed = cfg.authors_split, cfg.authors_split_seed
         images, labels = _apply_authors_split(images, labels, split, seed)
-    return Benchmark(cfg.name, images, list(labels), list(class_names or []), load_templates(cfg.templates))
+    return Benchmark(
+        cfg.name, images, list(labels), list(class_names or []), load_templates(cfg.templates)
+    )
 
 
 class _TorchvisionImages:
     def __init__(self, dataset, description: str):
         self.dataset = dataset
         self.ids = [f"{i}" for i in range(len(dataset))]
-        self.fingerprint = {"source": "torchvision", "description": description, "ids_sha": sha_of(self.ids)}
+        self.fingerprint = {
+            "source": "torchvision",
+            "description": description,
+            "ids_sha": sha_of(self.ids),
+        }
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -385,7 +406,9 @@ def _torchvision_benchmark(cfg, data_root: str, class_names):
     import torchvision.datasets as tvd
 
     if not cfg.torchvision_class or not hasattr(tvd, cfg.torchvision_class):
-        raise DataError(f"benchmark {cfg.name}: unknown torchvision_class {cfg.torchvision_class!r}")
+        raise DataError(
+            f"benchmark {cfg.name}: unknown torchvision_class {cfg.torchvision_class!r}"
+        )
     klass = getattr(tvd, cfg.torchvision_class)
     root = Path((cfg.root or "{data_root}").format(data_root=data_root))
     parameters = inspect.signature(klass).parameters
@@ -393,12 +416,18 @@ def _torchvision_benchmark(cfg, data_root: str, class_names):
     try:
         dataset = klass(str(root), download=False, **kwargs)
     except RuntimeError as error:
-        raise DataError(f"benchmark {cfg.name}: {cfg.torchvision_class} not found under {root}: {error}") from None
+        raise DataError(
+            f"benchmark {cfg.name}: {cfg.torchvision_class} not found under {root}: {error}"
+        ) from None
     targets = getattr(dataset, "targets", None) or getattr(dataset, "_labels", None)
     if targets is None:
         targets = [dataset[i][1] for i in range(len(dataset))]
     names = class_names or list(getattr(dataset, "classes", []))
-    return _TorchvisionImages(dataset, f"{cfg.torchvision_class}:{cfg.split}:{root}"), [int(t) for t in targets], names
+    return (
+        _TorchvisionImages(dataset, f"{cfg.torchvision_class}:{cfg.split}:{root}"),
+        [int(t) for t in targets],
+        names,
+    )
 
 
 # ----------------------------------------------------------------------------- ImageNet folders

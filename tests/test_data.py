@@ -186,7 +186,13 @@ def test_nested_subsets_have_distinct_fingerprints():
     from asif_exp.data import Subset, SyntheticImages
 
     source = SyntheticImages(SyntheticShapes(0, 0, 10, 16, "shape"))
-    first, second = Subset(Subset(source, [0, 1, 2, 3]), [0, 1]), Subset(Subset(source, [5, 6, 7, 8]), [0, 1])
-    assert first.ids == [source.ids[0], source.ids[1]] and second.ids == [source.ids[5], source.ids[6]]
+    first, second = (
+        Subset(Subset(source, [0, 1, 2, 3]), [0, 1]),
+        Subset(Subset(source, [5, 6, 7, 8]), [0, 1]),
+    )
+    assert first.ids == [source.ids[0], source.ids[1]] and second.ids == [
+        source.ids[5],
+        source.ids[6],
+    ]
     assert first.fingerprint != second.fingerprint
     assert Subset(source, [5, 6]).fingerprint == second.fingerprint  # same images, same key

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import dense_asif
 
 from asif_exp import engine
 from asif_exp.engine import (
@@ -15,30 +16,9 @@ from asif_exp.engine import (
 )
 
 
-def dense_reference_scores(images, anchor_images, prompts, anchor_texts, prompt_class, num_classes,
-                           n, k, p, clamp, normalize, aggregation):
-    """ASIF written the obvious way: dense similarities, dense top-k, dense products."""
-
-    def rr(x, anchors, norm):
-        sims = unit_rows(x) @ unit_rows(anchors[:n]).T
-        values, ids = sims.topk(k, dim=1)
-        if clamp:
-            values = values.clamp_min(0)
-        values = values**p
-        dense = torch.zeros_like(sims).scatter_(1, ids, values)
-        return torch.nn.functional.normalize(dense, dim=1) if norm else dense
-
-    image_rr = rr(images, anchor_images, normalize == "both")
-    prompt_rr = rr(prompts, anchor_texts, normalize in ("both", "prompt"))
-    if aggregation == "mean":
-        classes = torch.stack([prompt_rr[prompt_class == c].mean(0) for c in range(num_classes)])
-        if normalize in ("both", "prompt"):
-            classes = torch.nn.functional.normalize(classes, dim=1)
-        return image_rr @ classes.T
-    prompt_scores = image_rr @ prompt_rr.T
-    return torch.stack(
-        [prompt_scores[:, prompt_class == c].max(1).values for c in range(num_classes)], dim=1
-    )
+def dense_reference_scores(*args):
+    """The dense float64 reference (tests/reference.py) in the engine's float32."""
+    return dense_asif(*args).float()
 
 
 def random_problem(seed, images=40, anchors=300, classes=5, templates=3, d_image=16, d_text=12):
@@ -68,26 +48,48 @@ def test_grid_matches_dense_reference(option_set, seed):
     problem = random_problem(seed)
     # A tiny budget forces row blocks and many anchor chunks: chunked must equal unchunked.
     options = AsifOptions(memory_budget_mb=0.01, device="cpu", **option_set)
-    cells, timings = evaluate_grid(**problem, ns=[50, 120, 300], ks=[5, 20, 60], ps=[1, 3, 8],
-                                   options=options, keep_scores=True, progress=False)
+    cells, timings = evaluate_grid(
+        **problem,
+        ns=[50, 120, 300],
+        ks=[5, 20, 60],
+        ps=[1, 3, 8],
+        options=options,
+        keep_scores=True,
+        progress=False,
+    )
     assert timings["skipped"] == [[50, 60]]  # k > n cells are skipped, 3 values of p each
     assert len(cells) == 3 * 3 * 3 - 3
     for cell in cells:
         expected = dense_reference_scores(
-            problem["image_embeddings"], problem["anchor_image_embeddings"],
-            problem["prompt_embeddings"], problem["anchor_text_embeddings"],
-            problem["prompt_class"], problem["num_classes"], cell.n, cell.k, cell.p,
-            options.clamp_negative, options.normalize, options.template_aggregation,
+            problem["image_embeddings"],
+            problem["anchor_image_embeddings"],
+            problem["prompt_embeddings"],
+            problem["anchor_text_embeddings"],
+            problem["prompt_class"],
+            problem["num_classes"],
+            cell.n,
+            cell.k,
+            cell.p,
+            options.clamp_negative,
+            options.normalize,
+            options.template_aggregation,
         )
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-6)
         assert torch.equal(cell.predictions, expected.argmax(1))
-        assert cell.top1 == pytest.approx(float((expected.argmax(1) == problem["labels"]).float().mean()))
+        assert cell.top1 == pytest.approx(
+            float((expected.argmax(1) == problem["labels"]).float().mean())
+        )
 
 
 def test_exactly_k_nonzeros_and_unit_norm():
     g = torch.Generator().manual_seed(3)
-    queries, anchors = unit_rows(torch.randn(30, 8, generator=g)), unit_rows(torch.randn(200, 8, generator=g))
-    top = streaming_topk(queries, anchors, [200], 25, AsifOptions(device="cpu"), progress=False)[200]
+    queries, anchors = (
+        unit_rows(torch.randn(30, 8, generator=g)),
+        unit_rows(torch.randn(200, 8, generator=g)),
+    )
+    top = streaming_topk(queries, anchors, [200], 25, AsifOptions(device="cpu"), progress=False)[
+        200
+    ]
     rr = relative_representation(top, 25, 4, clamp_negative=False, normalize=True).to_dense()
     assert ((rr != 0).sum(1) == 25).all()
     torch.testing.assert_close(rr.norm(dim=1), torch.ones(30))
@@ -95,11 +97,15 @@ def test_exactly_k_nonzeros_and_unit_norm():
 
 def test_chunked_equals_unchunked():
     g = torch.Generator().manual_seed(4)
-    queries, anchors = unit_rows(torch.randn(64, 8, generator=g)), unit_rows(torch.randn(500, 8, generator=g))
+    queries, anchors = (
+        unit_rows(torch.randn(64, 8, generator=g)),
+        unit_rows(torch.randn(500, 8, generator=g)),
+    )
     ns = [100, 333, 500]
     big = streaming_topk(queries, anchors, ns, 40, AsifOptions(device="cpu"), progress=False)
-    small = streaming_topk(queries, anchors, ns, 40, AsifOptions(device="cpu", memory_budget_mb=0.005),
-                           progress=False)
+    small = streaming_topk(
+        queries, anchors, ns, 40, AsifOptions(device="cpu", memory_budget_mb=0.005), progress=False
+    )
     for n in ns:
         assert torch.equal(big[n].indices, small[n].indices)
         torch.testing.assert_close(big[n].values, small[n].values)
@@ -118,8 +124,14 @@ def test_duplicate_anchors_give_deterministic_topk():
     anchors = unit_rows(torch.randn(50, 6, generator=g)).repeat(4, 1)  # every anchor 4 times
     queries = unit_rows(torch.randn(10, 6, generator=g))
     a = streaming_topk(queries, anchors, [200], 7, AsifOptions(device="cpu"), progress=False)[200]
-    b = streaming_topk(queries, anchors, [200], 7, AsifOptions(device="cpu", memory_budget_mb=0.001),
-                       progress=False)[200]
+    b = streaming_topk(
+        queries,
+        anchors,
+        [200],
+        7,
+        AsifOptions(device="cpu", memory_budget_mb=0.001),
+        progress=False,
+    )[200]
     assert torch.equal(a.indices, b.indices)
     # A copy is chosen only if every lower copy of the same anchor is chosen too.
     chosen = [set(row) for row in a.indices.tolist()]
@@ -175,14 +187,29 @@ def test_dense_and_sparse_scoring_paths_match_the_reference(option_set, path_cos
     monkeypatch.setitem(engine.SPARSE_MAC_COST, "cpu", path_cost)
     problem = random_problem(7)
     options = AsifOptions(device="cpu", **option_set)
-    cells, _ = evaluate_grid(**problem, ns=[120, 300], ks=[5, 60], ps=[1, 8],
-                             options=options, keep_scores=True, progress=False)
+    cells, _ = evaluate_grid(
+        **problem,
+        ns=[120, 300],
+        ks=[5, 60],
+        ps=[1, 8],
+        options=options,
+        keep_scores=True,
+        progress=False,
+    )
     for cell in cells:
         expected = dense_reference_scores(
-            problem["image_embeddings"], problem["anchor_image_embeddings"],
-            problem["prompt_embeddings"], problem["anchor_text_embeddings"],
-            problem["prompt_class"], problem["num_classes"], cell.n, cell.k, cell.p,
-            options.clamp_negative, options.normalize, options.template_aggregation,
+            problem["image_embeddings"],
+            problem["anchor_image_embeddings"],
+            problem["prompt_embeddings"],
+            problem["anchor_text_embeddings"],
+            problem["prompt_class"],
+            problem["num_classes"],
+            cell.n,
+            cell.k,
+            cell.p,
+            options.clamp_negative,
+            options.normalize,
+            options.template_aggregation,
         )
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-6)
 
@@ -203,8 +230,14 @@ def test_threshold_shortcut_and_its_fallback_match_topk(order, monkeypatch):
     anchors = unit_rows(torch.randn(20_000, 8, generator=g))
     if order == "increasing":
         anchors = anchors[(anchors @ direction.T).flatten().argsort()]
-    top = streaming_topk(queries, anchors, [20_000], 30,
-                         AsifOptions(device="cpu", memory_budget_mb=0.05), progress=False)[20_000]
+    top = streaming_topk(
+        queries,
+        anchors,
+        [20_000],
+        30,
+        AsifOptions(device="cpu", memory_budget_mb=0.05),
+        progress=False,
+    )[20_000]
     values, ids = (queries @ anchors.T).topk(30, dim=1)
     assert torch.equal(top.indices, ids)
     torch.testing.assert_close(top.values, values)
@@ -233,8 +266,9 @@ def test_public_class_representation_and_sparse_scores_match_dense():
     torch.testing.assert_close(
         engine.sparse_scores(image_rr, prompt_rr, options), image_rr.to_dense() @ dense.T
     )
-    scores = engine.class_scores(image_rr, prompt_rr, prompt_class, 3,
-                                 AsifOptions(device="cpu", template_aggregation="max"))
+    scores = engine.class_scores(
+        image_rr, prompt_rr, prompt_class, 3, AsifOptions(device="cpu", template_aggregation="max")
+    )
     products = image_rr.to_dense() @ dense.T
     torch.testing.assert_close(
         scores, torch.stack([products[:, prompt_class == c].amax(1) for c in range(3)], dim=1)

@@ -39,7 +39,26 @@ def _offline_run(output_dir: Path) -> tuple[Path, bytes]:
     return run_dir, record.read_bytes()
 
 
-def test_a_job_mirrors_its_results_to_wandb(tmp_path):
+def test_a_job_mirrors_its_results_to_wandb(tmp_path, monkeypatch):
+    import wandb
+
+    from asif_exp.tracking import WandbTracker
+
+    # wandb 0.31 has no reader for offline run files (and strings in them can be split across
+    # blocks), so the run's group, tags and summary are captured on their way in.
+    captured: dict = {}
+    real_init, real_log = wandb.init, WandbTracker.log_results
+
+    def init(**kwargs):
+        captured.update(kwargs)
+        return real_init(**kwargs)
+
+    def log_results(self, results):
+        real_log(self, results)
+        captured["summary"] = set(self.run.summary.keys())
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(WandbTracker, "log_results", log_results)
     _tiny_data(tmp_path)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
@@ -65,7 +84,7 @@ def test_a_job_mirrors_its_results_to_wandb(tmp_path):
     from asif_exp.run import run
 
     results = run(cfg)
-    run_dir, record = _offline_run(tmp_path / "out")
+    run_dir, _ = _offline_run(tmp_path / "out")
     tables = sorted(p.name for p in (run_dir / "files" / "media" / "table").glob("*.table.json"))
     assert [t.split("_")[0] for t in tables] == ["fig4", "fig4", "results"]
     assert tables[0].startswith("fig4_k_curves") and tables[1].startswith("fig4_p_curves")
@@ -73,15 +92,9 @@ def test_a_job_mirrors_its_results_to_wandb(tmp_path):
     logged = json.loads(results_table.read_text())
     assert len(logged["data"]) == len(results["cells"]) == 8
     assert logged["columns"][:4] == ["anchors", "benchmark", "vision", "text"]
-    for expected in (
-        b"wandb_test",
-        b"pairs_file",
-        b"image_folder",
-        b"efficientnet_lite0",
-        b"best_top1",
-        b"anchor_pairs_used",
-    ):
-        assert expected in record, expected  # group, tags and summary keys are in the run file
+    assert captured["group"] == "wandb_test"
+    assert {"pairs_file", "image_folder", "tf_efficientnet_lite0"} <= set(captured["tags"])
+    assert {"best_top1", "anchor_pairs_used", "top1"} <= captured["summary"]
 
 
 def test_the_run_is_finished_when_the_job_fails(tmp_path):
@@ -115,5 +128,5 @@ def test_tags_name_the_sweep_and_the_split():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["logger=wandb", "+sweep_name=grid"])
     tags = run_tags(cfg.logger, {"sweep_name": "grid", "benchmark": {"authors_split": "val"}})
-    assert tags[:3] == ["asif", "synthetic_shapes", "efficientnet_lite0"]  # duplicates dropped
+    assert tags[:3] == ["asif", "synthetic_shapes", "tf_efficientnet_lite0"]  # duplicates dropped
     assert "grid" in tags and "val" in tags and cfg.logger.group == "grid"

@@ -273,3 +273,33 @@ def test_public_class_representation_and_sparse_scores_match_dense():
     torch.testing.assert_close(
         scores, torch.stack([products[:, prompt_class == c].amax(1) for c in range(3)], dim=1)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_path_matches_the_dense_reference(dtype):
+    """The same code on the GPU: float32 GEMMs give the CPU's predictions; bf16 GEMMs (float32
+    outputs) may move near-tied similarities, so nearly all predictions must agree."""
+    problem = random_problem(0, images=200, anchors=2000)
+    options = AsifOptions(device="cuda", compute_dtype=dtype, memory_budget_mb=0.5)
+    cells, _ = evaluate_grid(
+        **problem, ns=[500, 2000], ks=[10, 50], ps=[1, 8], options=options, progress=False
+    )
+    for cell in cells:
+        expected = dense_reference_scores(
+            problem["image_embeddings"],
+            problem["anchor_image_embeddings"],
+            problem["prompt_embeddings"],
+            problem["anchor_text_embeddings"],
+            problem["prompt_class"],
+            problem["num_classes"],
+            cell.n,
+            cell.k,
+            cell.p,
+            options.clamp_negative,
+            options.normalize,
+            options.template_aggregation,
+        ).argmax(1)
+        agreement = (cell.predictions.cpu() == expected).float().mean()
+        assert agreement == 1.0 if dtype == "float32" else agreement > 0.95

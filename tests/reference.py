@@ -41,3 +41,21 @@ def dense_asif(
     return torch.stack(
         [prompt_scores[:, prompt_class == c].max(1).values for c in range(num_classes)], dim=1
     )
+
+
+def reference_for_cell(problem: dict, cell, options) -> torch.Tensor:
+    """The reference scores (float32) for one engine grid cell of `problem` under `options`."""
+    return dense_asif(
+        problem["image_embeddings"],
+        problem["anchor_image_embeddings"],
+        problem["prompt_embeddings"],
+        problem["anchor_text_embeddings"],
+        problem["prompt_class"],
+        problem["num_classes"],
+        cell.n,
+        cell.k,
+        cell.p,
+        options.clamp_negative,
+        options.normalize,
+        options.template_aggregation,
+    ).float()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import dense_asif
+from reference import reference_for_cell
 
 from asif_exp import engine
 from asif_exp.engine import (
@@ -14,11 +14,6 @@ from asif_exp.engine import (
     streaming_topk,
     unit_rows,
 )
-
-
-def dense_reference_scores(*args):
-    """The dense float64 reference (tests/reference.py) in the engine's float32."""
-    return dense_asif(*args).float()
 
 
 def random_problem(seed, images=40, anchors=300, classes=5, templates=3, d_image=16, d_text=12):
@@ -60,20 +55,7 @@ def test_grid_matches_dense_reference(option_set, seed):
     assert timings["skipped"] == [[50, 60]]  # k > n cells are skipped, 3 values of p each
     assert len(cells) == 3 * 3 * 3 - 3
     for cell in cells:
-        expected = dense_reference_scores(
-            problem["image_embeddings"],
-            problem["anchor_image_embeddings"],
-            problem["prompt_embeddings"],
-            problem["anchor_text_embeddings"],
-            problem["prompt_class"],
-            problem["num_classes"],
-            cell.n,
-            cell.k,
-            cell.p,
-            options.clamp_negative,
-            options.normalize,
-            options.template_aggregation,
-        )
+        expected = reference_for_cell(problem, cell, options)
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-6)
         assert torch.equal(cell.predictions, expected.argmax(1))
         assert cell.top1 == pytest.approx(
@@ -197,20 +179,7 @@ def test_dense_and_sparse_scoring_paths_match_the_reference(option_set, path_cos
         progress=False,
     )
     for cell in cells:
-        expected = dense_reference_scores(
-            problem["image_embeddings"],
-            problem["anchor_image_embeddings"],
-            problem["prompt_embeddings"],
-            problem["anchor_text_embeddings"],
-            problem["prompt_class"],
-            problem["num_classes"],
-            cell.n,
-            cell.k,
-            cell.p,
-            options.clamp_negative,
-            options.normalize,
-            options.template_aggregation,
-        )
+        expected = reference_for_cell(problem, cell, options)
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -287,19 +256,6 @@ def test_gpu_path_matches_the_dense_reference(dtype):
         **problem, ns=[500, 2000], ks=[10, 50], ps=[1, 8], options=options, progress=False
     )
     for cell in cells:
-        expected = dense_reference_scores(
-            problem["image_embeddings"],
-            problem["anchor_image_embeddings"],
-            problem["prompt_embeddings"],
-            problem["anchor_text_embeddings"],
-            problem["prompt_class"],
-            problem["num_classes"],
-            cell.n,
-            cell.k,
-            cell.p,
-            options.clamp_negative,
-            options.normalize,
-            options.template_aggregation,
-        ).argmax(1)
+        expected = reference_for_cell(problem, cell, options).argmax(1)
         agreement = (cell.predictions.cpu() == expected).float().mean()
         assert agreement == 1.0 if dtype == "float32" else agreement > 0.95

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import dense_asif
+from reference import reference_for_cell
 
 from asif_exp.engine import AsifOptions, evaluate_grid, streaming_topk
 from asif_exp.memory import AsifModel, Prompts, explain
@@ -62,20 +62,7 @@ def test_grid_equals_the_dense_reference(problem, options):
         (n, k) for n in problem["ns"] for k in problem["ks"] if k > n
     )
     for cell in cells:
-        expected = dense_asif(
-            problem["image_embeddings"],
-            problem["anchor_image_embeddings"],
-            problem["prompt_embeddings"],
-            problem["anchor_text_embeddings"],
-            problem["prompt_class"],
-            problem["num_classes"],
-            cell.n,
-            cell.k,
-            cell.p,
-            options.clamp_negative,
-            options.normalize,
-            options.template_aggregation,
-        ).float()
+        expected = reference_for_cell(problem, cell, options)
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-5)
         # Predictions agree wherever the best class wins by more than rounding.
         top2 = expected.topk(min(2, expected.shape[1]), dim=1).values
@@ -180,20 +167,7 @@ def test_fractional_p_with_clamping_equals_the_dense_reference(problem, p):
     problem["ps"] = [p]
     cells, _ = evaluate_grid(**problem, options=options, keep_scores=True, progress=False)
     for cell in cells:
-        expected = dense_asif(
-            problem["image_embeddings"],
-            problem["anchor_image_embeddings"],
-            problem["prompt_embeddings"],
-            problem["anchor_text_embeddings"],
-            problem["prompt_class"],
-            problem["num_classes"],
-            cell.n,
-            cell.k,
-            cell.p,
-            True,
-            "both",
-            "mean",
-        ).float()
+        expected = reference_for_cell(problem, cell, options)  # clean defaults
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-5)
 
 

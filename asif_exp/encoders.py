@@ -16,6 +16,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
+from asif_exp.engine import resolve_device
+
 IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {}
 TEXT_MODELS: dict[str, Callable[..., object]] = {}
 
@@ -42,12 +44,6 @@ def register_text_model(name: str):
 
 def list_encoders() -> dict[str, list[str]]:
     return {"vision": sorted(IMAGE_MODELS), "text": sorted(TEXT_MODELS)}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------- image

@@ -31,6 +31,13 @@ AGGREGATION_CHOICES = ("mean", "max")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(device: str) -> torch.device:
+    """ "auto" means cuda when available; anything else is a torch device name."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @dataclass(frozen=True)
 class AsifOptions:
     """Every option that changes a number. Defaults are the clean variant; see `AUTHORS_OPTIONS`."""
@@ -61,9 +68,7 @@ class AsifOptions:
             raise ValueError(f"asif.memory_budget_mb={self.memory_budget_mb}: must be positive")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         if self.compute_dtype == "auto":

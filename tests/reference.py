@@ -59,3 +59,16 @@ def reference_for_cell(problem: dict, cell, options) -> torch.Tensor:
         options.normalize,
         options.template_aggregation,
     ).float()
+
+
+def random_embeddings(g, images, anchors, classes, templates, d_image, d_text) -> dict:
+    """A random zero-shot problem (evaluate_grid's keyword arguments, less the grid)."""
+    return dict(
+        image_embeddings=torch.randn(images, d_image, generator=g),
+        anchor_image_embeddings=torch.randn(anchors, d_image, generator=g),
+        prompt_embeddings=torch.randn(classes * templates, d_text, generator=g),
+        anchor_text_embeddings=torch.randn(anchors, d_text, generator=g),
+        labels=torch.randint(0, classes, (images,), generator=g),
+        prompt_class=torch.arange(classes).repeat_interleave(templates),
+        num_classes=classes,
+    )

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import reference_for_cell
+from reference import random_embeddings, reference_for_cell
 
 from asif_exp import engine
 from asif_exp.engine import (
@@ -18,15 +18,7 @@ from asif_exp.engine import (
 
 def random_problem(seed, images=40, anchors=300, classes=5, templates=3, d_image=16, d_text=12):
     g = torch.Generator().manual_seed(seed)
-    return dict(
-        image_embeddings=torch.randn(images, d_image, generator=g),
-        anchor_image_embeddings=torch.randn(anchors, d_image, generator=g),
-        prompt_embeddings=torch.randn(classes * templates, d_text, generator=g),
-        anchor_text_embeddings=torch.randn(anchors, d_text, generator=g),
-        labels=torch.randint(0, classes, (images,), generator=g),
-        prompt_class=torch.arange(classes).repeat_interleave(templates),
-        num_classes=classes,
-    )
+    return random_embeddings(g, images, anchors, classes, templates, d_image, d_text)
 
 
 OPTION_SETS = [

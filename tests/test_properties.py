@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import reference_for_cell
+from reference import random_embeddings, reference_for_cell
 
 from asif_exp.engine import AsifOptions, evaluate_grid, streaming_topk
 from asif_exp.memory import AsifModel, Prompts, explain
@@ -28,13 +28,7 @@ def problems(draw):
     if min(ks) > max(ns):  # at least one valid cell
         ks = sorted({draw(st.integers(1, max(ns))), *ks})
     return dict(
-        image_embeddings=torch.randn(images, d_image, generator=g),
-        anchor_image_embeddings=torch.randn(anchors, d_image, generator=g),
-        prompt_embeddings=torch.randn(classes * templates, d_text, generator=g),
-        anchor_text_embeddings=torch.randn(anchors, d_text, generator=g),
-        labels=torch.randint(0, classes, (images,), generator=g),
-        prompt_class=torch.arange(classes).repeat_interleave(templates),
-        num_classes=classes,
+        **random_embeddings(g, images, anchors, classes, templates, d_image, d_text),
         ns=ns,
         ks=ks,
         ps=sorted(draw(st.sets(st.sampled_from(P_VALUES), min_size=1, max_size=2))),

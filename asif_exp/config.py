@@ -53,6 +53,10 @@ class AnchorsConfig:
     split: str = "train"
     hf_config: str | None = None
     limit: int | None = None  # keep the first `limit` pairs (order is the file's)
+    # jsonl/csv: keep only records whose `split_column` is one of these (null: every record)
+    splits: list[str] | None = None
+    split_column: str = "split"
+    repeated_pairs: str = "keep"  # the same image-caption pair twice: keep, drop or error
     # webdataset / parquet shards (img2dataset layout) and hf_files
     data_files: Any = None  # hf_files: file(s) or glob(s) for datasets.load_dataset(path, ...)
     key_column: str = "key"  # parquet: the sample key (names the image inside the shard's .tar)
@@ -106,7 +110,7 @@ class AsifConfig:
     template_aggregation: str = "mean"  # mean, max
     compute_dtype: str = "auto"
     memory_budget_mb: float = 1024.0
-    preset: str = "clean"  # a label recorded in results: clean, authors, custom
+    preset: str = "clean"  # a label recorded in results: clean, authors, authors_unclamped, custom
 
 
 @dataclass

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -24,6 +25,7 @@ from PIL import Image
 from asif_exp.prompts import load_class_names, load_templates
 from asif_exp.synthetic import SyntheticShapes
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -50,11 +52,13 @@ class ImageFiles:
             if not path.is_file():
                 raise DataError(f"image file not found: {path}")
             sizes.append(path.stat().st_size)
+        # Content, not location: the same files under another folder (or machine) share the
+        # cache. Names and sizes of every file, and the bytes of a spread-out sample of them.
         self.fingerprint = {
             "source": "files",
-            "root": str(root.resolve()),
             "ids_sha": sha_of(self.ids),
             "sizes_sha": sha_of(sizes),
+            "sample_sha": _sample_sha(root, self.ids),
         }
 
     def __len__(self) -> int:
@@ -63,6 +67,16 @@ class ImageFiles:
     def load(self, index: int) -> Image.Image:
         with Image.open(self.root / self.ids[index]) as image:
             return image.convert("RGB")
+
+
+def _sample_sha(root: Path, ids: list[str], samples: int = 32) -> str:
+    """sha256 of the bytes of up to `samples` distinct files spread evenly over `ids`."""
+    distinct = list(dict.fromkeys(ids))
+    step = max(1, len(distinct) // samples)
+    digest = hashlib.sha256()
+    for rel in distinct[::step][:samples]:
+        digest.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    return digest.hexdigest()
 
 
 class SyntheticImages:
@@ -134,6 +148,7 @@ class AnchorSet:
     name: str
     images: object  # an image source; images[i] pairs with captions[i]
     captions: list[str]
+    repeats: dict | None = None  # what apply_repeated_pairs_policy found and did
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.captions):
@@ -147,15 +162,55 @@ class AnchorSet:
                 raise DataError(
                     f"anchors {self.name}: caption of pair {i} ({self.images.ids[i]}) is empty"
                 )
-        # One image with several captions is legitimate (COCO has 5); the same pair twice is not.
+
+    def repeated_pairs(self) -> list[tuple[int, int]]:
+        """(first, repeat) positions of every pair whose image and caption both occurred before.
+
+        One image with several captions is legitimate (COCO has 5); the same pair twice is a
+        repeat (Flickr8k has 8).
+        """
         first: dict[tuple[str, str], int] = {}
+        repeats = []
         for i, pair in enumerate(zip(self.images.ids, self.captions, strict=True)):
             if pair in first:
-                raise DataError(
-                    f"anchors {self.name}: pairs {first[pair]} and {i} are the same "
-                    f"(image {pair[0]!r}, caption {pair[1]!r}); remove the duplicate"
-                )
-            first[pair] = i
+                repeats.append((first[pair], i))
+            else:
+                first[pair] = i
+        return repeats
+
+
+REPEATED_PAIRS_POLICIES = ("keep", "drop", "error")
+
+
+def apply_repeated_pairs_policy(anchors: AnchorSet, policy: str) -> tuple[AnchorSet, dict]:
+    """Keep, drop (all but the first occurrence) or refuse repeated pairs; report what was found.
+
+    The report (policy, count, first examples) goes to the log and to results.json.
+    """
+    if policy not in REPEATED_PAIRS_POLICIES:
+        raise DataError(
+            f"anchors.repeated_pairs={policy!r}: expected one of {REPEATED_PAIRS_POLICIES}"
+        )
+    repeats = anchors.repeated_pairs()
+    examples = [
+        {"first": a, "repeat": b, "image": anchors.images.ids[b], "caption": anchors.captions[b]}
+        for a, b in repeats[:5]
+    ]
+    report = {"policy": policy, "count": len(repeats), "examples": examples}
+    if repeats and policy == "error":
+        a, b = repeats[0]
+        raise DataError(
+            f"anchors {anchors.name}: {len(repeats)} repeated pairs, the first: pairs {a} and {b} "
+            f"are the same (image {anchors.images.ids[b]!r}, caption {anchors.captions[b]!r}); "
+            "set anchors.repeated_pairs=keep or drop"
+        )
+    if repeats and policy == "drop":
+        dropped = {b for _, b in repeats}
+        kept = [i for i in range(len(anchors.captions)) if i not in dropped]
+        anchors = AnchorSet(
+            anchors.name, Subset(anchors.images, kept), [anchors.captions[i] for i in kept]
+        )
+    return anchors, report
 
 
 @dataclass
@@ -237,6 +292,21 @@ def _read_pairs_file(path: Path, cfg) -> list[dict]:
     return rows
 
 
+def _select_splits(rows: list[dict], splits: list[str], column: str, path: Path) -> list[dict]:
+    """The rows whose `column` is one of `splits`, in file order."""
+    found = set()
+    for i, row in enumerate(rows):
+        if column not in row:
+            raise DataError(
+                f"{path}, record {i + 1}: no {column!r} field (anchors.splits={splits} needs it)"
+            )
+        found.add(row[column])
+    unknown = sorted(set(splits) - found)
+    if unknown:
+        raise DataError(f"{path}: anchors.splits {unknown} not found; the file has {sorted(found)}")
+    return [row for row in rows if row[column] in splits]
+
+
 def load_anchors(cfg, data_root: str) -> AnchorSet:
     if cfg.loader == "synthetic":
         shapes = SyntheticShapes(cfg.seed, cfg.start, cfg.num_samples, cfg.image_size, "shape")
@@ -244,6 +314,8 @@ def load_anchors(cfg, data_root: str) -> AnchorSet:
     elif cfg.loader in ("jsonl", "csv"):
         path = _resolve(cfg.path, data_root, f"anchors {cfg.name}")
         rows = _read_pairs_file(path, cfg)
+        if cfg.splits is not None:
+            rows = _select_splits(rows, list(cfg.splits), cfg.split_column, path)
         if cfg.limit is not None:
             rows = rows[: cfg.limit]
         image_root = (
@@ -271,6 +343,20 @@ def load_anchors(cfg, data_root: str) -> AnchorSet:
         raise DataError(
             f"anchors.loader={cfg.loader!r}: expected synthetic, jsonl, csv, hf, hf_files, "
             "webdataset or parquet"
+        )
+    anchors, report = apply_repeated_pairs_policy(anchors, cfg.repeated_pairs)
+    anchors.repeats = report
+    if report["count"]:
+        first = report["examples"][0]
+        log.warning(
+            "anchors %s: %d repeated image-caption pairs (%s; first: pair %d repeats pair %d, "
+            "image %r)",
+            anchors.name,
+            report["count"],
+            report["policy"],
+            first["repeat"],
+            first["first"],
+            first["image"],
         )
     return anchors
 

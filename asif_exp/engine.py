@@ -83,9 +83,26 @@ class AsifOptions:
         return asdict(self)
 
 
-# What the authors' published code does (see DESIGN.md): no clamping, only the prompt side
-# normalised, and the best single prompt decides.
-AUTHORS_OPTIONS = dict(clamp_negative=False, normalize="prompt", template_aggregation="max")
+# The authors' published function (noranta4/ASIF, `relreps.zero_shot_classification`): their
+# running top-k buffer starts as k zeros, so a negative similarity never survives (negatives are
+# clamped); only the prompt side is normalised; the best single prompt decides.
+AUTHORS_OPTIONS = dict(clamp_negative=True, normalize="prompt", template_aggregation="max")
+# Their structure without the zero buffer: negatives kept. Not a function the authors computed.
+AUTHORS_UNCLAMPED_OPTIONS = {**AUTHORS_OPTIONS, "clamp_negative": False}
+CLEAN_OPTIONS = dict(clamp_negative=True, normalize="both", template_aggregation="mean")
+FUNCTIONS = {
+    "clean": CLEAN_OPTIONS,
+    "authors": AUTHORS_OPTIONS,
+    "authors_unclamped": AUTHORS_UNCLAMPED_OPTIONS,
+}
+
+
+def function_of(options: AsifOptions) -> str:
+    """Which named function the options compute: clean, authors, authors_unclamped or custom."""
+    for name, values in FUNCTIONS.items():
+        if all(getattr(options, key) == value for key, value in values.items()):
+            return name
+    return "custom"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from asif_exp.data import load_anchors, load_benchmark, sha_of
 from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
-from asif_exp.engine import AsifOptions, check_grid, evaluate_grid
+from asif_exp.engine import AsifOptions, check_grid, evaluate_grid, function_of
 from asif_exp.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,13 @@ def run(cfg: DictConfig) -> dict:
 def evaluate(cfg: DictConfig, resolved: dict) -> dict:
     started = time.perf_counter()
     options = asif_options(cfg)
+    function = function_of(options)
+    if function != cfg.asif.preset and cfg.asif.preset != "custom":
+        log.warning(
+            "asif.preset=%s, but the options compute the %r function; results record both",
+            cfg.asif.preset,
+            function,
+        )
     torch.manual_seed(cfg.seed)
 
     anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
@@ -198,11 +205,12 @@ def evaluate(cfg: DictConfig, resolved: dict) -> dict:
     rows = [{**c.metrics(), "per_class_accuracy": c.per_class_accuracy} for c in cells]
     results = {
         "format_version": RESULTS_FORMAT,
-        "options": {**options.to_dict(), "preset": cfg.asif.preset},
+        "options": {**options.to_dict(), "preset": cfg.asif.preset, "function": function},
         "anchors": {
             "name": anchors.name,
             "pairs": len(anchors.captions),
             "pairs_used": len(anchor_kept),
+            "repeated_pairs": anchors.repeats,
             "skipped_images": anchor_failures,
         },
         "benchmark": {

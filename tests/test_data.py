@@ -196,3 +196,73 @@ def test_nested_subsets_have_distinct_fingerprints():
     ]
     assert first.fingerprint != second.fingerprint
     assert Subset(source, [5, 6]).fingerprint == second.fingerprint  # same images, same key
+
+
+def write_split_pairs(tmp_path):
+    write_images(tmp_path / "img", ["a.png", "b.png", "c.png"])
+    rows = [
+        {"image": "img/a.png", "caption": "a dog", "split": "train"},
+        {"image": "img/a.png", "caption": "a dog", "split": "train"},  # an exact repeat
+        {"image": "img/b.png", "caption": "a cat", "split": "dev"},
+        {"image": "img/c.png", "caption": "a cow", "split": "test"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_splits_select_records_in_file_order(tmp_path):
+    path = write_split_pairs(tmp_path)
+    cfg = cfg_of("anchors", "pairs_file", path=str(path), splits=["dev", "train"])
+    anchors = load_anchors(cfg, str(tmp_path))
+    assert anchors.captions == ["a dog", "a dog", "a cat"]  # file order, test left out
+    with pytest.raises(DataError, match=r"anchors.splits \['val'\] not found.*'dev', 'test'"):
+        load_anchors(OmegaConf.merge(cfg, {"splits": ["val"]}), str(tmp_path))
+    with pytest.raises(DataError, match=r"record 1: no 'fold' field"):
+        load_anchors(OmegaConf.merge(cfg, {"split_column": "fold"}), str(tmp_path))
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop", "error"])
+def test_repeated_pairs_policy(tmp_path, policy):
+    path = write_split_pairs(tmp_path)
+    cfg = cfg_of("anchors", "pairs_file", path=str(path), repeated_pairs=policy)
+    if policy == "error":
+        with pytest.raises(DataError, match=r"1 repeated pairs, the first: pairs 0 and 1 are"):
+            load_anchors(cfg, str(tmp_path))
+        return
+    anchors = load_anchors(cfg, str(tmp_path))
+    assert anchors.repeats["count"] == 1 and anchors.repeats["policy"] == policy
+    assert anchors.repeats["examples"][0] == {
+        "first": 0, "repeat": 1, "image": "img/a.png", "caption": "a dog"
+    }  # fmt: skip
+    expected = (
+        ["a dog", "a dog", "a cat", "a cow"] if policy == "keep" else ["a dog", "a cat", "a cow"]
+    )
+    assert anchors.captions == expected
+    expected_ids = ["img/a.png", "img/a.png", "img/b.png", "img/c.png"]
+    assert anchors.images.ids == (expected_ids if policy == "keep" else expected_ids[1:])
+    with pytest.raises(DataError, match=r"anchors.repeated_pairs='sometimes': expected one of"):
+        load_anchors(OmegaConf.merge(cfg, {"repeated_pairs": "sometimes"}), str(tmp_path))
+
+
+def test_image_files_fingerprint_is_content_not_location(tmp_path):
+    from asif_exp.data import ImageFiles
+
+    write_images(tmp_path / "one", ["a.png", "b.png"])
+    (tmp_path / "one").rename(tmp_path / "two")
+    moved = ImageFiles(tmp_path / "two", ["a.png", "b.png"])
+    write_images(tmp_path / "one", ["a.png", "b.png"])
+    original = ImageFiles(tmp_path / "one", ["a.png", "b.png"])
+    assert moved.fingerprint == original.fingerprint
+    (tmp_path / "one" / "b.png").write_bytes((tmp_path / "one" / "a.png").read_bytes())
+    assert ImageFiles(tmp_path / "one", ["a.png", "b.png"]).fingerprint != moved.fingerprint
+
+
+def test_flickr8k_anchors_are_train_and_dev_in_file_order():
+    require_shared_data("flickr8k", "captions.jsonl")
+    anchors = load_anchors(compose_config(["anchors=flickr8k"]).anchors, str(SHARED_DATA))
+    assert len(anchors.captions) == 30_000 and len(set(anchors.images.ids)) == 6_000
+    assert anchors.repeats["policy"] == "keep" and anchors.repeats["count"] > 0
+    rows = [json.loads(line) for line in (SHARED_DATA / "flickr8k" / "captions.jsonl").open()]
+    expected = [r["caption"] for r in rows if r["split"] in ("train", "dev")]
+    assert anchors.captions == expected

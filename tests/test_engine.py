@@ -7,6 +7,7 @@ from reference import random_embeddings, reference_for_cell
 from asif_exp import engine
 from asif_exp.engine import (
     AUTHORS_OPTIONS,
+    AUTHORS_UNCLAMPED_OPTIONS,
     AsifOptions,
     evaluate_grid,
     relative_representation,
@@ -24,6 +25,7 @@ def random_problem(seed, images=40, anchors=300, classes=5, templates=3, d_image
 OPTION_SETS = [
     {},
     AUTHORS_OPTIONS,
+    AUTHORS_UNCLAMPED_OPTIONS,
     dict(clamp_negative=True, normalize="none", template_aggregation="max"),
     dict(clamp_negative=False, normalize="both", template_aggregation="mean"),
 ]

@@ -13,7 +13,7 @@ from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
 from asif_exp.config import RunConfig
-from asif_exp.engine import AUTHORS_OPTIONS, AsifOptions, evaluate_grid
+from asif_exp.engine import AUTHORS_OPTIONS, AUTHORS_UNCLAMPED_OPTIONS, AsifOptions, evaluate_grid
 from asif_exp.memory import (
     UNKNOWN,
     AsifModel,
@@ -30,7 +30,12 @@ from asif_exp.memory import (
 from asif_exp.run import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-OPTION_SETS = [{}, AUTHORS_OPTIONS, dict(normalize="none", template_aggregation="max")]
+OPTION_SETS = [
+    {},
+    AUTHORS_OPTIONS,
+    AUTHORS_UNCLAMPED_OPTIONS,
+    dict(normalize="none", template_aggregation="max"),
+]
 
 
 def random_setup(seed=0, images=30, anchors=120, classes=4, templates=3, k=10, p=3.0, **options):

@@ -17,7 +17,14 @@ from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
 import asif_exp.run
-from asif_exp.data import AnchorSet, DataError, ImageFiles, load_anchors, load_benchmark
+from asif_exp.data import (
+    AnchorSet,
+    DataError,
+    ImageFiles,
+    apply_repeated_pairs_policy,
+    load_anchors,
+    load_benchmark,
+)
 from asif_exp.embeddings import EmbeddingCache
 from asif_exp.encoders import register_image_model, register_text_model
 from asif_exp.engine import AsifOptions, check_embeddings, evaluate_grid
@@ -137,6 +144,18 @@ def test_unreadable_images_are_skipped_and_reported_or_raise(tmp_path):
     assert_cache_is_whole(tmp_path / "cache")
 
 
+def test_cache_written_from_one_data_location_is_reused_from_another(tmp_path):
+    write_pairs(tmp_path / "data" / "pairs", 12)
+    pairs = ["anchors=pairs_file", "anchors.path=pairs/pairs.jsonl"]
+    first = run(config(tmp_path, *pairs))
+    assert not first["embeddings_from_cache"]["anchors pairs_file"]
+    (tmp_path / "data").rename(tmp_path / "moved")  # another folder, as on another machine
+    moved = [*pairs, f"paths.data_root={tmp_path / 'moved'}"]
+    again = run(config(tmp_path, *moved, output="again"))
+    assert all(again["embeddings_from_cache"].values()), again["embeddings_from_cache"]
+    assert again["cells"] == first["cells"]
+
+
 def test_unreadable_benchmark_image_is_reported_and_cannot_be_explained(tmp_path):
     for name, count in [("circle", 3), ("square", 3)]:
         folder = tmp_path / "data" / "bench" / name
@@ -222,10 +241,12 @@ def test_duplicate_pairs_and_ids(tmp_path):
     images = ImageFiles(tmp_path, ["0.png", "0.png", "1.png"])
     # One image with several captions is how COCO is built: accepted.
     AnchorSet("coco-like", images, ["a dog", "a brown dog", "a cat"])
+    repeated = AnchorSet("dup", images, ["a dog", "a dog", "a cat"])
+    assert repeated.repeated_pairs() == [(0, 1)]
     with pytest.raises(
         DataError, match=r"pairs 0 and 1 are the same \(image '0.png', caption 'a dog'\)"
     ):
-        AnchorSet("dup", images, ["a dog", "a dog", "a cat"])
+        apply_repeated_pairs_policy(repeated, "error")
     (tmp_path / "labels.csv").write_text("file,label\n0.png,0\n1.png,1\n0.png,1\n")
     cfg = config(
         tmp_path,

@@ -9,11 +9,14 @@ benchmark baseline. Same structure and the same costs, written here (not copied)
 - COO sparse tensors; values raised to p with no clamping; only the prompt side L2-normalised;
 - the image x prompt product dense (einsum) when an images x n float32 matrix fits the budget,
   otherwise `torch.sparse.mm` over 6 chunks of images;
-- prediction: argmax over all class x template prompts, class = prompt index // templates.
+- prediction: argmax over all class x template prompts, class = prompt index // templates;
+- the running buffer starts as k zeros with anchor id 0, as theirs does: a negative similarity
+  never survives the merge, so negatives are effectively clamped at 0, and where fewer than k
+  similarities are positive the zeros (id 0) stay in the top-k and add nothing.
 
-One deliberate difference: the authors start the running buffer at zeros (anchor id 0), which
-changes results only when fewer than k similarities of the first chunk are positive; it starts
-at -inf here so that both implementations compute the same function.
+`zero_buffer=False` starts the buffer at -inf instead: the same structure with negatives kept, a
+function the authors never computed (our `authors_unclamped` preset); it exists to show what
+the zero buffer changes.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def zero_shot_classification(
     templates: int,
     dic_size: int = 100_000,
     max_gpu_mem_gb: float = 8.0,
+    zero_buffer: bool = True,
 ) -> dict[tuple[int, float], Tensor]:
     """Predicted class of every image for each (n, p), for one k. Embeddings pre-normalised.
 
@@ -83,7 +87,7 @@ def zero_shot_classification(
         buffers = {
             side: (
                 torch.zeros(len(queries), 2 * k, dtype=torch.long),
-                torch.full((len(queries), 2 * k), -torch.inf),
+                torch.full((len(queries), 2 * k), 0.0 if zero_buffer else -torch.inf),
             )
             for side, (queries, _) in sides.items()
         }

@@ -2,9 +2,9 @@
 
 Synthetic unit-norm embeddings with a weak class structure (so accuracy is above chance and a
 wrong implementation shows), generated on the target device. Both implementations run in this
-process, one after the other, with the authors' options (no clamping, prompt side normalised,
-best prompt decides); the script checks that they predict the same classes and prints times,
-ratios (baseline / engine) and peak memory. See README.md in this folder.
+process, one after the other, with the authors' options (negatives clamped by their zero buffer,
+prompts normalised, best prompt decides); the script checks that they predict the same classes
+and prints times, ratios (baseline / engine) and peak memory. See README.md in this folder.
 
     python experiments/bench/bench_engine.py --scale cpu
     python experiments/bench/bench_engine.py --scale paper --device cuda

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from asif_exp.engine import resolve_device
+from asif_exp.methods.asif import resolve_device
 
 IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {}
 TEXT_MODELS: dict[str, Callable[..., object]] = {}

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from asif_exp.embeddings import file_sha256
-from asif_exp.engine import (
+from asif_exp.methods.asif import (
     AsifOptions,
     accuracy_metrics,
     check_embeddings,

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from asif_exp.data import load_anchors, load_benchmark, sha_of
 from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
-from asif_exp.engine import AsifOptions, check_grid, evaluate_grid, function_of
+from asif_exp.methods.asif import AsifOptions, check_grid, evaluate_grid, function_of
 from asif_exp.tracking import open_tracker
 
 log = logging.getLogger(__name__)

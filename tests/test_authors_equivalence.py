@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asif_exp.engine import (
+from asif_exp.methods.asif import (
     AUTHORS_OPTIONS,
     AUTHORS_UNCLAMPED_OPTIONS,
     AsifOptions,

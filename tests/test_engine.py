@@ -4,8 +4,8 @@ import pytest
 import torch
 from reference import random_embeddings, reference_for_cell
 
-from asif_exp import engine
-from asif_exp.engine import (
+from asif_exp.methods import asif as engine
+from asif_exp.methods.asif import (
     AUTHORS_OPTIONS,
     AUTHORS_UNCLAMPED_OPTIONS,
     AsifOptions,

@@ -13,7 +13,6 @@ from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
 from asif_exp.config import RunConfig
-from asif_exp.engine import AUTHORS_OPTIONS, AUTHORS_UNCLAMPED_OPTIONS, AsifOptions, evaluate_grid
 from asif_exp.memory import (
     UNKNOWN,
     AsifModel,
@@ -26,6 +25,12 @@ from asif_exp.memory import (
     load_model,
     prune_unused,
     usage_summary,
+)
+from asif_exp.methods.asif import (
+    AUTHORS_OPTIONS,
+    AUTHORS_UNCLAMPED_OPTIONS,
+    AsifOptions,
+    evaluate_grid,
 )
 from asif_exp.run import run
 

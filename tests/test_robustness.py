@@ -27,8 +27,8 @@ from asif_exp.data import (
 )
 from asif_exp.embeddings import EmbeddingCache
 from asif_exp.encoders import register_image_model, register_text_model
-from asif_exp.engine import AsifOptions, check_embeddings, evaluate_grid
 from asif_exp.memory import AsifModel
+from asif_exp.methods.asif import AsifOptions, check_embeddings, evaluate_grid
 from asif_exp.run import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

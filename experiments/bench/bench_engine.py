@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_baseline import zero_shot_classification  # noqa: E402
 
-from asif_exp.engine import AUTHORS_OPTIONS, AsifOptions, evaluate_grid, unit_rows  # noqa: E402
+from asif_exp.methods.asif import AUTHORS_OPTIONS, AsifOptions, evaluate_grid, unit_rows  # noqa: E402
 
 GRID_NS = [10_000, 20_000, 50_000, 100_000, 200_000, 400_000, 800_000, 1_600_000]
 GRID_KS = [50, 100, 200, 400, 800]

@@ -1,4 +1,4 @@
-"""`python -m asif_exp`: compose the config with Hydra and run one ASIF job."""
+"""`python -m asif_exp`: compose the config with Hydra and run one job."""
 
 import logging
 
@@ -6,16 +6,16 @@ import hydra
 from omegaconf import DictConfig
 
 from asif_exp import config as _config  # noqa: F401  (registers the schemas)
-from asif_exp.run import run, summary_table
+from asif_exp.pipeline import run_job, summary_table
 
 log = logging.getLogger("asif_exp")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    results = run(cfg)
+    results = run_job(cfg)
     log.info("\n%s\nresults: %s/results.json", summary_table(results), cfg.paths.output_dir)
-    return results["top1"]  # the objective, for sweepers that optimise
+    return results.headline.metrics[results.primary_metric]  # the objective, for sweepers
 
 
 if __name__ == "__main__":

@@ -148,6 +148,9 @@ class RunConfig:
     anchors: AnchorsConfig = MISSING
     benchmark: BenchmarkConfig = MISSING
     asif: AsifConfig = field(default_factory=AsifConfig)
+    # conf/method/<name>.yaml and conf/task/<name>.yaml: `name` plus that module's own options
+    method: Any = MISSING
+    task: Any = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)

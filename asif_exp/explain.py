@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import logging
-import os
 import textwrap
 import time
 from collections.abc import Callable
@@ -44,7 +43,6 @@ from asif_exp.config import (
     RunConfig,
 )
 from asif_exp.data import AnchorSet, Benchmark, DataError, load_anchors, load_benchmark
-from asif_exp.encoders import text_identity, vision_identity
 from asif_exp.memory import (
     AsifModel,
     Explanation,
@@ -56,7 +54,15 @@ from asif_exp.memory import (
     prune_unused,
     usage_summary,
 )
-from asif_exp.run import Embedder, as_list, asif_options, grid_values, write_json_atomic
+from asif_exp.methods.asif import asif_options, grid_values
+from asif_exp.options import as_list, single
+from asif_exp.pipeline import (
+    Embedder,
+    class_prompt_targets,
+    embed_anchors,
+    encoder_identities,
+)
+from asif_exp.results import write_atomic, write_json_atomic
 
 log = logging.getLogger("asif_exp.explain")
 EXPLAIN_FORMAT = 1
@@ -154,19 +160,9 @@ class Workspace:
         return self.anchors.images.load(self._anchor_position[anchor_id])
 
 
-def _single(value, name: str):
-    values = as_list(value)
-    if len(values) != 1 or values[0] is None:
-        raise ValueError(f"{name}={value}: explain needs a single value")
-    return values[0]
-
-
 def _encoders(cfg: DictConfig) -> dict:
-    identities = {
-        "vision": vision_identity(cfg.encoder.vision),
-        "text": text_identity(cfg.encoder.text),
-    }
-    return json.loads(json.dumps(identities))  # as a saved model holds them (tuples as lists)
+    # as a saved model holds them (tuples as lists)
+    return json.loads(json.dumps(encoder_identities(cfg)))
 
 
 def load_workspace(cfg: DictConfig) -> Workspace:
@@ -181,33 +177,29 @@ def load_workspace(cfg: DictConfig) -> Workspace:
             )
     else:
         anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
-        grid_values(cfg, len(anchors.captions))  # bad n, k or p fail before any encoding
-        anchor_images, anchor_kept, _ = embedder.images(anchors.images, f"anchors {anchors.name}")
-        anchor_texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}")[
-            anchor_kept
-        ]
-        n = len(anchor_kept) if cfg.asif.n is None else int(_single(cfg.asif.n, "asif.n"))
-        if n > len(anchor_kept):
-            raise ValueError(f"asif.n={n}: only {len(anchor_kept)} anchor pairs are available")
+        # bad n, k or p fail before any encoding
+        ns, ks, ps = grid_values(cfg, len(anchors.captions))
+        k, p = single("asif.k", ks), single("asif.p", ps)
+        n = None if cfg.asif.n is None else single("asif.n", ns)
+        embedded = embed_anchors(embedder, anchors)
+        kept = embedded.kept
+        n = len(kept) if n is None else n
+        if n > len(kept):
+            raise ValueError(f"asif.n={n}: only {len(kept)} anchor pairs are available")
         model = AsifModel(
-            anchor_images[:n],
-            anchor_texts[:n],
-            [anchors.images.ids[i] for i in anchor_kept[:n]],
-            [anchors.captions[i] for i in anchor_kept[:n]],
-            int(_single(cfg.asif.k, "asif.k")),
-            float(_single(cfg.asif.p, "asif.p")),
+            embedded.images[:n],
+            embedded.texts[:n],
+            [anchors.images.ids[i] for i in kept[:n]],
+            [anchors.captions[i] for i in kept[:n]],
+            k,
+            p,
             asif_options(cfg),
             _encoders(cfg),
         )
     benchmark = load_benchmark(cfg.benchmark, cfg.paths.data_root)
     images, kept, _ = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
-    texts, prompt_class = benchmark.prompts()
-    prompts = Prompts(
-        embedder.texts(texts, f"prompts {benchmark.name}"),
-        torch.tensor(prompt_class),
-        benchmark.class_names,
-        texts,
-    )
+    targets = class_prompt_targets(embedder, benchmark)
+    prompts = Prompts(targets.embeddings, targets.groups, targets.group_names, targets.texts)
     labels = torch.tensor(benchmark.labels)[kept]
     return Workspace(model, prompts, images, labels, benchmark, kept, anchors, embedder.cached)
 
@@ -215,19 +207,8 @@ def load_workspace(cfg: DictConfig) -> Workspace:
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(staging)` then rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def _save_figure(figure: Figure, path: Path) -> None:
-    _write_atomic(path, lambda staging: figure.savefig(staging, format="png", dpi=110))
+    write_atomic(path, lambda staging: figure.savefig(staging, format="png", dpi=110))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -235,7 +216,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, lambda staging: staging.write_text(buffer.getvalue()))
+    write_atomic(path, lambda staging: staging.write_text(buffer.getvalue()))
 
 
 def render_explanation(

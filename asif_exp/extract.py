@@ -20,9 +20,7 @@ in `<output_dir>/extract.json`, and carried into results.json as the anchors' sk
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -33,7 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from asif_exp import config as _config  # noqa: F401  (registers the schemas)
 from asif_exp.data import AnchorSet, Subset, load_anchors, sha_of
 from asif_exp.embeddings import EmbeddingCache, encode_images
-from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
+from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity
+from asif_exp.pipeline import image_cache_identity, text_cache_identity
+from asif_exp.results import write_json_atomic
 
 log = logging.getLogger(__name__)
 STAGES = ("all", "encode", "merge")
@@ -54,22 +54,13 @@ def shard_chunks(chunks: list, shard: int, num_shards: int) -> list[int]:
     return list(range(shard, len(chunks), num_shards))
 
 
-# The identities below must stay equal to what asif_exp.run's Embedder computes, so that an
-# evaluation finds the merged entries (tests/test_extract.py checks it end to end).
+# The merged entries are the ones an evaluation looks up: the same identity functions.
 def anchor_image_identity(cfg, anchors: AnchorSet) -> dict:
-    return {
-        "kind": "image",
-        "encoder": vision_identity(cfg.encoder.vision),
-        "data": anchors.images.fingerprint,
-    }
+    return image_cache_identity(cfg.encoder.vision, anchors.images)
 
 
 def anchor_text_identity(cfg, anchors: AnchorSet) -> dict:
-    return {
-        "kind": "text",
-        "encoder": text_identity(cfg.encoder.text),
-        "texts_sha": sha_of(anchors.captions),
-    }
+    return text_cache_identity(cfg.encoder.text, anchors.captions)
 
 
 def chunk_identity(cfg, anchors: AnchorSet, start: int, stop: int) -> dict:
@@ -220,7 +211,7 @@ def run_extract(cfg: DictConfig) -> dict:
         report["merged"] = False
     report["failed_images"] = len(report["failures"])
     report["seconds"] = time.perf_counter() - started
-    _write_report(Path(cfg.paths.output_dir) / "extract.json", report)
+    write_json_atomic(Path(cfg.paths.output_dir) / "extract.json", report)
     log.info(
         "extract: %d chunks encoded, %d cached; %d failed images (%d not downloaded); merged=%s",
         len(report["chunks_encoded"]),
@@ -235,13 +226,6 @@ def run_extract(cfg: DictConfig) -> dict:
 def _all_cached(cache: EmbeddingCache, cfg, anchors: AnchorSet, chunks: list) -> bool:
     # Cheap presence check; merge_chunks verifies every entry's checksum when it loads it.
     return all(cache.path(chunk_identity(cfg, anchors, a, b)).exists() for a, b in chunks)
-
-
-def _write_report(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(staging, path)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")

@@ -27,14 +27,14 @@ from torch import Tensor
 from asif_exp.embeddings import file_sha256
 from asif_exp.methods.asif import (
     AsifOptions,
-    accuracy_metrics,
+    TopK,
     check_embeddings,
-    class_representation,
+    model_scores,
     relative_representation,
-    sparse_scores,
     streaming_topk,
     unit_rows,
 )
+from asif_exp.tasks.classification import classification_metrics, no_overlap
 
 UNKNOWN = -1  # the prediction of an abstaining model
 MODEL_FORMAT = "asif_model"
@@ -133,38 +133,41 @@ class AsifModel:
     def _unit_anchor_texts(self) -> Tensor:
         return unit_rows(self.anchor_text_embeddings)
 
-    def _rr(self, queries: Tensor, unit_anchors: Tensor, normalize: bool, what: str) -> Tensor:
+    def _top(self, queries: Tensor, unit_anchors: Tensor, what: str) -> TopK:
         check_embeddings(what, queries)
-        top = streaming_topk(
+        return streaming_topk(
             unit_rows(queries), unit_anchors, [self.n], self.k, self.options, progress=False
         )[self.n]
-        return relative_representation(top, self.k, self.p, self.options.clamp_negative, normalize)
 
     def image_representations(self, image_embeddings: Tensor) -> Tensor:
         """Sparse CSR (images x n) relative representations."""
+        top = self._top(image_embeddings, self._unit_anchor_images, "image embeddings")
         normalize = self.options.normalize == "both"
-        return self._rr(image_embeddings, self._unit_anchor_images, normalize, "image embeddings")
+        return relative_representation(top, self.k, self.p, self.options.clamp_negative, normalize)
 
     def prompt_representations(self, prompt_embeddings: Tensor) -> Tensor:
+        top = self._top(prompt_embeddings, self._unit_anchor_texts, "prompt embeddings")
         normalize = self.options.normalize in ("both", "prompt")
-        return self._rr(prompt_embeddings, self._unit_anchor_texts, normalize, "prompt embeddings")
+        return relative_representation(top, self.k, self.p, self.options.clamp_negative, normalize)
 
     def score(self, image_embeddings: Tensor, prompts: Prompts) -> Scored:
-        """Scores as `engine.class_scores` computes them, with the intermediate parts kept."""
-        image_rr = self.image_representations(image_embeddings)
-        prompt_rr = self.prompt_representations(prompts.embeddings)
-        prompt_class = prompts.prompt_class.long()
+        """Scores as the grid computes them (the same scoring core), intermediate parts kept."""
+        scored = model_scores(
+            self._top(image_embeddings, self._unit_anchor_images, "image embeddings"),
+            self._top(prompts.embeddings, self._unit_anchor_texts, "prompt embeddings"),
+            self.k,
+            self.p,
+            prompts.prompt_class,
+            prompts.num_classes,
+            self.options,
+        )
         if self.options.template_aggregation == "mean":
-            normalize = self.options.normalize in ("both", "prompt")
-            targets = class_representation(prompt_rr, prompt_class, prompts.num_classes, normalize)
             target_class = torch.arange(prompts.num_classes)
         else:  # "max": a class scores as its best prompt
-            targets, target_class = prompt_rr, prompt_class
-        target_scores = sparse_scores(image_rr, targets, self.options)
-        scores = torch.full((len(target_scores), prompts.num_classes), -torch.inf).scatter_reduce(
-            1, target_class.expand(len(target_scores), -1), target_scores, reduce="amax"
+            target_class = prompts.prompt_class.long()
+        return Scored(
+            scored.image_rr, scored.targets, target_class, scored.target_scores, scored.scores
         )
-        return Scored(image_rr, targets, target_class, target_scores, scores)
 
     def scores(self, image_embeddings: Tensor, prompts: Prompts) -> Tensor:
         """(images x classes) zero-shot scores."""
@@ -174,11 +177,9 @@ class AsifModel:
         return self.scores(image_embeddings, prompts).argmax(dim=1)
 
     def evaluate(self, image_embeddings: Tensor, labels: Tensor, prompts: Prompts) -> dict:
-        """top-1, top-5, per-class accuracy and predictions (as `engine.accuracy_metrics`)."""
+        """top-1, top-5, per-class accuracy, no-overlap fraction and predictions."""
         scores = self.scores(image_embeddings, prompts)
-        metrics = accuracy_metrics(scores, labels.long(), prompts.num_classes)
-        metrics["no_overlap_fraction"] = float(no_overlap(scores).float().mean())
-        return metrics
+        return classification_metrics(scores, labels.long(), prompts.num_classes)
 
     # -- editing --------------------------------------------------------------------------
 
@@ -391,11 +392,6 @@ def explain(
 
 
 # ----------------------------------------------------------------------------- abstain
-
-
-def no_overlap(scores: Tensor) -> Tensor:
-    """Queries whose top-k anchors share none with any prompt's: every score is exactly 0."""
-    return (scores == 0).all(dim=1)
 
 
 def abstain(scores: Tensor, threshold: float | None = None) -> Tensor:

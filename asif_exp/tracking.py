@@ -1,9 +1,10 @@
 """Experiment trackers. results.json is the source of truth; W&B is a mirror of it.
 
-A W&B run gets: the resolved config; one logged step per (n, k, p) cell; the headline numbers
-in its summary; every cell as a `wandb.Table` ("results"); and, when the grid has several n,
-Figure 4's curves as line plots (top-1 against n, one line per k at the best p, and one per p
-at the best k). Runs of a sweep share a group (`logger.group`, default `sweep_name`) and carry
+A W&B run gets: the resolved config; one logged step per cell (its parameters and metrics);
+the headline numbers in its summary; every cell as a `wandb.Table` ("results"); and, for an
+ASIF grid with several n, Figure 4's curves as line plots (top-1 against n, one line per k at
+the best p, and one per p at the best k). Runs of a sweep share a group (`logger.group`,
+default `sweep_name`) and carry
 tags naming the encoders, anchors and benchmark. Everything works with WANDB_MODE=offline.
 """
 
@@ -13,13 +14,15 @@ import contextlib
 import logging
 from pathlib import Path
 
+from asif_exp.results import RunResults
+
 log = logging.getLogger(__name__)
 
-CELL_COLUMNS = ["n", "k", "p", "top1", "top5", "mean_per_class_recall", "no_overlap_fraction"]
+FIGURE4_KEYS = {"n", "k", "p", "top1"}
 
 
 class NullTracker:
-    def log_results(self, results: dict) -> None:
+    def log_results(self, results: RunResults) -> None:
         pass
 
 
@@ -60,37 +63,40 @@ class WandbTracker:
     def __init__(self, run):
         self.run = run
 
-    def log_results(self, results: dict) -> None:
+    def log_results(self, results: RunResults) -> None:
         import wandb
 
-        cells = results["cells"]
-        table = wandb.Table(columns=["anchors", "benchmark", "vision", "text"] + CELL_COLUMNS)
+        rows = results.rows()
+        columns = [*results.headline.params, *results.scalar_metrics()]
+        table = wandb.Table(columns=["anchors", "benchmark", "vision", "text", *columns])
         setup = [
-            results["anchors"]["name"],
-            results["benchmark"]["name"],
-            results["encoders"]["vision"]["model_name"],
-            results["encoders"]["text"]["model_name"],
+            results.anchors.name,
+            results.benchmark.name,
+            results.encoders["vision"]["model_name"],
+            results.encoders["text"]["model_name"],
         ]
-        for step, cell in enumerate(cells):  # one W&B point per grid cell
-            self.run.log({c: cell.get(c) for c in CELL_COLUMNS}, step=step)
-            table.add_data(*setup, *[cell.get(c) for c in CELL_COLUMNS])
+        for step, row in enumerate(rows):  # one W&B point per grid cell
+            self.run.log({c: row.get(c) for c in columns}, step=step)
+            table.add_data(*setup, *[row.get(c) for c in columns])
         extra = {"results": table}
-        for curve in figure4_series(cells):
-            extra[curve["name"]] = wandb.plot.line_series(
-                xs=curve["xs"],
-                ys=curve["ys"],
-                keys=curve["keys"],
-                title=curve["title"],
-                xname="n",
-            )
-        self.run.log(extra, step=len(cells))
-        for key in ("top1", "top5", "n", "k", "p"):
-            if key in results:
-                self.run.summary[key] = results[key]
-        self.run.summary["anchor_pairs_used"] = results["anchors"]["pairs_used"]
-        self.run.summary["anchor_images_skipped"] = len(results["anchors"]["skipped_images"])
-        self.run.summary["benchmark_images_used"] = results["benchmark"]["images_used"]
-        self.run.summary["best_top1"] = max(c["top1"] for c in cells)
+        if FIGURE4_KEYS <= set(rows[0]):  # ASIF's (n, k, p) grid, classification
+            for curve in figure4_series(rows):
+                extra[curve["name"]] = wandb.plot.line_series(
+                    xs=curve["xs"],
+                    ys=curve["ys"],
+                    keys=curve["keys"],
+                    title=curve["title"],
+                    xname="n",
+                )
+        self.run.log(extra, step=len(rows))
+        headline = results.headline.row()
+        for key in columns:
+            self.run.summary[key] = headline[key]
+        self.run.summary["anchor_pairs_used"] = results.anchors.used
+        self.run.summary["anchor_images_skipped"] = len(results.anchors.skipped_images)
+        self.run.summary["benchmark_images_used"] = results.benchmark.used
+        primary = results.primary_metric
+        self.run.summary[f"best_{primary}"] = max(row[primary] for row in rows)
 
 
 def run_tags(logger_cfg, resolved_config: dict) -> list[str]:

@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from asif_exp.run import asif_options, grid_values
+from asif_exp.methods.asif import asif_options, grid_values
 
 
 def test_default_config_composes_and_resolves(tmp_path):

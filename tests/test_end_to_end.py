@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY, compose_config
 from PIL import Image
 
-from asif_exp.run import run, summary_table
+from asif_exp.pipeline import run, summary_table
 
 # Chance is 1/5 (five shapes); measured 0.95+ at this size. A broken pipeline lands near 0.2.
 ABOVE_CHANCE = 0.5

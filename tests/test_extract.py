@@ -229,7 +229,7 @@ def test_extract_resumes_after_an_interrupted_chunk_and_feeds_run(tmp_path, monk
     assert torch.equal(resumed[0]["kept"], single[0]["kept"])
     assert torch.allclose(resumed[0]["embeddings"], single[0]["embeddings"], atol=1e-4)
 
-    from asif_exp.run import run
+    from asif_exp.pipeline import run
 
     bench = tmp_path / "bench"
     for colour in ("red", "blue"):

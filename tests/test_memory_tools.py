@@ -32,7 +32,7 @@ from asif_exp.methods.asif import (
     AsifOptions,
     evaluate_grid,
 )
-from asif_exp.run import run
+from asif_exp.pipeline import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 OPTION_SETS = [

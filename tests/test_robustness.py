@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
-import asif_exp.run
+import asif_exp.methods.asif
 from asif_exp.data import (
     AnchorSet,
     DataError,
@@ -29,7 +29,7 @@ from asif_exp.embeddings import EmbeddingCache
 from asif_exp.encoders import register_image_model, register_text_model
 from asif_exp.memory import AsifModel
 from asif_exp.methods.asif import AsifOptions, check_embeddings, evaluate_grid
-from asif_exp.run import run
+from asif_exp.pipeline import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -329,7 +329,7 @@ def test_truncated_cache_entry_is_detected_and_recomputed(tmp_path):
 
 def test_sweep_killed_halfway_resumes_with_skip_existing(tmp_path, monkeypatch):
     jobs = [(f"job{i}", f"asif.k={k}") for i, k in enumerate([3, 5, 8])]
-    real_grid, calls = asif_exp.run.evaluate_grid, []
+    real_grid, calls = asif_exp.methods.asif.score_grid, []
 
     def killed_on_second_job(*args, **kwargs):
         calls.append(1)
@@ -337,7 +337,7 @@ def test_sweep_killed_halfway_resumes_with_skip_existing(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the sweep is killed in the middle of job 1
         return real_grid(*args, **kwargs)
 
-    monkeypatch.setattr(asif_exp.run, "evaluate_grid", killed_on_second_job)
+    monkeypatch.setattr(asif_exp.methods.asif, "score_grid", killed_on_second_job)
     with pytest.raises(KeyboardInterrupt):
         for name, override in jobs:
             run(config(tmp_path, override, "skip_existing=true", output=f"sweep/{name}"))
@@ -348,7 +348,9 @@ def test_sweep_killed_halfway_resumes_with_skip_existing(tmp_path, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(
-        asif_exp.run, "evaluate_grid", lambda *a, **kw: (calls.append(1), real_grid(*a, **kw))[1]
+        asif_exp.methods.asif,
+        "score_grid",
+        lambda *a, **kw: (calls.append(1), real_grid(*a, **kw))[1],
     )
     resumed = [run(config(tmp_path, o, "skip_existing=true", output=f"sweep/{n}")) for n, o in jobs]
     assert len(calls) == 2  # only the two unfinished jobs ran

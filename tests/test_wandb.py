@@ -81,7 +81,7 @@ def test_a_job_mirrors_its_results_to_wandb(tmp_path, monkeypatch):
                 "device=cpu",
             ],
         )
-    from asif_exp.run import run
+    from asif_exp.pipeline import run
 
     results = run(cfg)
     run_dir, _ = _offline_run(tmp_path / "out")

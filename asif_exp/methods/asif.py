@@ -11,15 +11,23 @@ and only metrics and predictions come back.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
+from asif_exp.options import anchor_prefixes, int_values, positive_values
+from asif_exp.problem import EmbeddedProblem
+from asif_exp.tasks.classification import classification_metrics
+
+log = logging.getLogger(__name__)
 
 # torch warns on every sparse CSR use that the API is beta and unchecked; the engine builds its
 # CSR tensors itself (sorted, in range), and the repeated warnings would bury the run's output.
@@ -600,7 +608,177 @@ def sparse_scores(image_rr: Tensor, target_rr: Tensor, options: AsifOptions) -> 
     ).cpu()
 
 
-# ----------------------------------------------------------------------------- scoring and metrics
+# ----------------------------------------------------------------------------- the scoring core
+
+
+def score_targets(
+    image_rr: Tensor,
+    prompt_t: Tensor,
+    groups: Tensor,
+    num_groups: int,
+    options: AsifOptions,
+    dense: bool = False,
+    averaging_t: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The one place ASIF turns representations into scores (grid, `class_scores`, AsifModel).
+
+    `image_rr` is CSR (images x n); `prompt_t` the prompts' representations transposed, CSR
+    (n x prompts), already normalised if the prompt side is. Returns (targets_t, target_scores,
+    scores): the targets as CSR (n x targets), the class means ("mean") or the prompts ("max");
+    their dense (images x targets) scores; and the (images x groups) scores.
+    """
+    device = image_rr.device
+    if options.template_aggregation == "mean":
+        if averaging_t is None:
+            averaging_t = _averaging_t(groups, num_groups)
+        targets_t = prompt_t @ averaging_t  # (n x classes), the class means
+        if options.normalize in ("both", "prompt"):
+            targets_t = _normalize_csr_columns(targets_t)
+    else:
+        targets_t = prompt_t
+    dtype = options.resolved_dtype(device) if dense else torch.float32
+    target_scores = _scores_t(image_rr, targets_t, options.budget_elements, dense, dtype)
+    if options.template_aggregation == "mean":
+        return targets_t, target_scores, target_scores
+    return targets_t, target_scores, max_over_groups(target_scores, groups, num_groups)
+
+
+def prompt_representations_t(top: TopK, k: int, p: float, options: AsifOptions) -> Tensor:
+    """The prompts' relative representations, transposed: CSR (n x prompts)."""
+    normalize = options.normalize in ("both", "prompt")
+    return _transposed_layout(top, k).csr(p, options.clamp_negative, normalize)
+
+
+def image_representations(top: TopK, k: int, p: float, options: AsifOptions) -> Tensor:
+    """The images' relative representations: CSR (images x n)."""
+    return _row_layout(top, k).csr(p, options.clamp_negative, options.normalize == "both")
+
+
+def class_scores(
+    image_rr: Tensor,
+    prompt_rr: Tensor,
+    prompt_class: Tensor,
+    num_classes: int,
+    options: AsifOptions,
+) -> Tensor:
+    """(images x classes) scores under the configured template aggregation (on the CPU)."""
+    device = options.resolved_device()
+    _, _, scores = score_targets(
+        image_rr.to(device),
+        _transpose_csr(prompt_rr.to(device)),
+        prompt_class.long().to(device),
+        num_classes,
+        options,
+    )
+    return scores.cpu()
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclass
+class GridInputs:
+    """Embeddings of one zero-shot problem, as the grid takes them (rows in dataset order)."""
+
+    images: Tensor  # (images, d_image)
+    anchor_images: Tensor  # (pairs, d_image)
+    prompts: Tensor  # (prompts, d_text)
+    anchor_texts: Tensor  # (pairs, d_text)
+    prompt_class: Tensor  # (prompts,) group of each prompt
+    num_classes: int
+
+    def check(self) -> None:
+        if self.anchor_images.shape[0] != self.anchor_texts.shape[0]:
+            raise ValueError(
+                f"anchor pairs mismatch: {self.anchor_images.shape[0]} image embeddings but "
+                f"{self.anchor_texts.shape[0]} text embeddings"
+            )
+        for name, tensor in [
+            ("image embeddings", self.images),
+            ("anchor image embeddings", self.anchor_images),
+            ("prompt embeddings", self.prompts),
+            ("anchor text embeddings", self.anchor_texts),
+        ]:
+            check_embeddings(name, tensor)
+        if len(self.prompt_class) != self.prompts.shape[0]:
+            raise ValueError("labels / prompt_class must have one entry per image / prompt")
+        if self.num_classes < 1:
+            raise ValueError("the class list is empty")
+
+
+def score_grid(
+    inputs: GridInputs,
+    ns: Iterable[int],
+    ks: Iterable[int],
+    ps: Iterable[float],
+    options: AsifOptions = AsifOptions(),
+    report: dict | None = None,
+    progress: bool = True,
+    topk_memo: dict | None = None,
+) -> Iterator[tuple[dict, Tensor]]:
+    """({"n", "k", "p"}, dense (images x classes) scores) for every valid cell of the grid,
+    from one top-k pass per side. Scores stay on the compute device.
+
+    Cells with k > n are skipped (listed in `report["skipped"]`); `report` also receives the
+    timings. `topk_memo`, a dict the caller keeps between calls on the same embeddings (the
+    jobs of a multirun), lets later calls reuse top-k passes instead of redoing them.
+    """
+    report = {} if report is None else report
+    ns, ks, ps = sorted(set(ns)), sorted(set(ks)), sorted(set(ps))
+    inputs.check()
+    check_grid(ns, ks, ps, inputs.anchor_images.shape[0], options.clamp_negative)
+    device = options.resolved_device()
+    prompt_class = inputs.prompt_class.long().to(device)
+    num_classes = inputs.num_classes
+    mean = options.template_aggregation == "mean"
+    # Built before the top-k pass so that a class without prompts fails fast.
+    averaging_t = _averaging_t(prompt_class, num_classes) if mean else None
+
+    report["skipped"] = [[n, k] for n in ns for k in ks if k > n]
+    k_max = max(k for k in ks if k <= ns[-1])
+    start = time.perf_counter()
+    image_top = _memoized_topk(
+        topk_memo, "image", inputs.images, inputs.anchor_images, ns, k_max, options, progress
+    )
+    prompt_top = _memoized_topk(
+        topk_memo, "prompt", inputs.prompts, inputs.anchor_texts, ns, k_max, options, progress
+    )
+    _synchronize(device)
+    report["topk_s"] = time.perf_counter() - start
+
+    scoring_s = 0.0
+    normalize_image = options.normalize == "both"
+    normalize_prompt = options.normalize in ("both", "prompt")
+    images, prompts = inputs.images.shape[0], len(prompt_class)
+    valid = [(n, k) for n in ns for k in ks if k <= n]
+    bar = tqdm(
+        total=len(valid) * len(ps),
+        desc="grid cells",
+        disable=not progress or len(valid) * len(ps) == 1,
+    )
+    prompt_by_anchor = {}
+    for n, k in valid:
+        start = time.perf_counter()
+        # The sparsity patterns depend on (n, k) only: built once, reused for every p.
+        if n not in prompt_by_anchor:
+            prompt_by_anchor = {n: prompt_top[n].indices.reshape(-1).argsort(stable=True)}
+        image_layout = _row_layout(image_top[n], k)
+        prompt_layout = _transposed_layout(prompt_top[n], k, prompt_by_anchor[n])
+        targets = num_classes if mean else prompts
+        k_target = k * prompts / num_classes if mean else k  # a class holds its prompts' anchors
+        dense = _use_dense(images, targets, n, k, min(k_target, n), options.budget_elements, device)
+        for p in ps:
+            image_rr = image_layout.csr(p, options.clamp_negative, normalize_image)
+            prompt_t = prompt_layout.csr(p, options.clamp_negative, normalize_prompt)
+            _, _, scores = score_targets(
+                image_rr, prompt_t, prompt_class, num_classes, options, dense, averaging_t
+            )
+            scoring_s += time.perf_counter() - start
+            yield {"n": n, "k": k, "p": p}, scores
+            start = time.perf_counter()
+            bar.update()
+    bar.close()
+    report["scoring_s"] = scoring_s
 
 
 @dataclass
@@ -615,77 +793,6 @@ class CellResult:
     no_overlap_fraction: float  # queries that share no anchor with any prompt (scores all 0)
     predictions: Tensor  # (queries,) predicted class
     scores: Tensor | None = None  # (queries, classes), kept only when asked for
-
-    def metrics(self) -> dict:
-        return {
-            "n": self.n,
-            "k": self.k,
-            "p": self.p,
-            "top1": self.top1,
-            "top5": self.top5,
-            "mean_per_class_recall": self.mean_per_class_recall,
-            "no_overlap_fraction": self.no_overlap_fraction,
-        }
-
-
-def _max_over_templates(prompt_scores: Tensor, prompt_class: Tensor, num_classes: int) -> Tensor:
-    """(images x classes): each class's best prompt."""
-    images, prompts = prompt_scores.shape
-    templates = prompts // num_classes
-    grouped = torch.arange(num_classes, device=prompt_class.device).repeat_interleave(templates)
-    if templates * num_classes == prompts and torch.equal(prompt_class, grouped):
-        # prompts grouped by class, as many per class: a reshape instead of a scatter
-        return prompt_scores.view(images, num_classes, templates).amax(dim=2)
-    out = prompt_scores.new_full((images, num_classes), -torch.inf)
-    return out.scatter_reduce(1, prompt_class.expand(images, -1), prompt_scores, reduce="amax")
-
-
-def class_scores(
-    image_rr: Tensor,
-    prompt_rr: Tensor,
-    prompt_class: Tensor,
-    num_classes: int,
-    options: AsifOptions,
-) -> Tensor:
-    """(images x classes) scores under the configured template aggregation."""
-    normalize_prompt = options.normalize in ("both", "prompt")
-    if options.template_aggregation == "mean":
-        classes = class_representation(prompt_rr, prompt_class, num_classes, normalize_prompt)
-        return sparse_scores(image_rr, classes, options)
-    prompt_scores = sparse_scores(image_rr, prompt_rr, options)
-    return _max_over_templates(prompt_scores, prompt_class.cpu(), num_classes)
-
-
-def accuracy_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> dict:
-    """top-1, top-5, per-class accuracy; argmax ties go to the lower class index."""
-    labels = labels.to(scores.device)
-    predictions = scores.argmax(dim=1)
-    correct = predictions == labels
-    top5_k = min(5, num_classes)
-    # Rank of the true class: classes scoring strictly higher, plus ties at lower index.
-    true_scores = scores.gather(1, labels[:, None])
-    fifth = scores.topk(top5_k, dim=1).values[:, -1:]
-    in_top5 = true_scores > fifth
-    # Only where the true class ties with the fifth score does the rank need counting.
-    tied = (true_scores == fifth).flatten().nonzero().flatten()
-    if tied.numel():
-        rows, true_tied = scores[tied], true_scores[tied]
-        higher = (rows > true_tied).sum(1)
-        classes = torch.arange(num_classes, device=scores.device)
-        tied_before = ((rows == true_tied) & (classes < labels[tied, None])).sum(1)
-        in_top5[tied] = ((higher + tied_before) < top5_k)[:, None]
-    in_top5 = in_top5.flatten()
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    hits = torch.bincount(labels, weights=correct.double(), minlength=num_classes)
-    per_class = (hits / counts).tolist()  # nan for classes without images
-    present = [a for a in per_class if not math.isnan(a)]
-    return {
-        "predictions": predictions,
-        "top1": float(correct.float().mean()),
-        "top5": float(in_top5.float().mean()),
-        "per_class_accuracy": per_class,
-        "mean_per_class_recall": sum(present) / len(present),
-    }
 
 
 def evaluate_grid(
@@ -704,102 +811,157 @@ def evaluate_grid(
     progress: bool = True,
     topk_memo: dict | None = None,
 ) -> tuple[list[CellResult], dict]:
-    """Zero-shot accuracy for every valid (n, k, p) of the grid from one top-k pass per side.
-
-    Cells with k > n are skipped (listed in the returned timings under "skipped").
-    `topk_memo`, a dict the caller keeps between calls on the same embeddings (the jobs of a
-    multirun), lets later calls reuse top-k passes instead of redoing them.
-    Everything stays on the compute device; only metrics and predictions come back to the CPU.
-    Returns (cells, timings).
-    """
-    ns, ks, ps = sorted(set(ns)), sorted(set(ks)), sorted(set(ps))
-    if anchor_image_embeddings.shape[0] != anchor_text_embeddings.shape[0]:
-        raise ValueError(
-            f"anchor pairs mismatch: {anchor_image_embeddings.shape[0]} image embeddings but "
-            f"{anchor_text_embeddings.shape[0]} text embeddings"
-        )
-    for name, tensor in [
-        ("image embeddings", image_embeddings),
-        ("anchor image embeddings", anchor_image_embeddings),
-        ("prompt embeddings", prompt_embeddings),
-        ("anchor text embeddings", anchor_text_embeddings),
-    ]:
-        check_embeddings(name, tensor)
-    if len(labels) != image_embeddings.shape[0] or len(prompt_class) != prompt_embeddings.shape[0]:
+    """Zero-shot classification accuracy for every valid (n, k, p): `score_grid` plus the
+    classification metrics, in one call (for benchmarks and tests). Returns (cells, timings),
+    the skipped cells under timings["skipped"]."""
+    inputs = GridInputs(
+        image_embeddings,
+        anchor_image_embeddings,
+        prompt_embeddings,
+        anchor_text_embeddings,
+        prompt_class,
+        num_classes,
+    )
+    if len(labels) != image_embeddings.shape[0]:
         raise ValueError("labels / prompt_class must have one entry per image / prompt")
-    if num_classes < 1:
-        raise ValueError("the class list is empty")
-    check_grid(ns, ks, ps, anchor_image_embeddings.shape[0], options.clamp_negative)
-    device = options.resolved_device()
-    dtype = options.resolved_dtype(device)
-    labels, prompt_class = labels.long().to(device), prompt_class.long().to(device)
-    mean = options.template_aggregation == "mean"
-    # Built before the top-k pass so that a class without prompts fails fast.
-    averaging_t = _averaging_t(prompt_class, num_classes) if mean else None
-
-    timings: dict = {"skipped": [[n, k] for n in ns for k in ks if k > n]}
-    k_max = max(k for k in ks if k <= ns[-1])
-    start = time.perf_counter()
-    image_top = _memoized_topk(
-        topk_memo, "image", image_embeddings, anchor_image_embeddings, ns, k_max, options, progress
-    )
-    prompt_top = _memoized_topk(
-        topk_memo, "prompt", prompt_embeddings, anchor_text_embeddings, ns, k_max, options, progress
-    )
-    _synchronize(device)
-    timings["topk_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    normalize_image = options.normalize == "both"
-    normalize_prompt = options.normalize in ("both", "prompt")
-    images, prompts = len(labels), len(prompt_class)
+    labels = labels.long().to(options.resolved_device())
+    timings: dict = {}
     cells = []
-    valid = [(n, k) for n in ns for k in ks if k <= n]
-    bar = tqdm(
-        total=len(valid) * len(ps),
-        desc="grid cells",
-        disable=not progress or len(valid) * len(ps) == 1,
-    )
-    prompt_by_anchor = {}
-    for n, k in valid:
-        # The sparsity patterns depend on (n, k) only: built once, reused for every p.
-        if n not in prompt_by_anchor:
-            prompt_by_anchor = {n: prompt_top[n].indices.reshape(-1).argsort(stable=True)}
-        image_layout = _row_layout(image_top[n], k)
-        prompt_layout = _transposed_layout(prompt_top[n], k, prompt_by_anchor[n])
-        targets = num_classes if mean else prompts
-        k_target = k * prompts / num_classes if mean else k  # a class holds its prompts' anchors
-        dense = _use_dense(images, targets, n, k, min(k_target, n), options.budget_elements, device)
-        for p in ps:
-            image_rr = image_layout.csr(p, options.clamp_negative, normalize_image)
-            prompt_t = prompt_layout.csr(p, options.clamp_negative, normalize_prompt)
-            if mean:
-                classes_t = prompt_t @ averaging_t  # (n x classes), the class means
-                if normalize_prompt:
-                    classes_t = _normalize_csr_columns(classes_t)
-                scores = _scores_t(image_rr, classes_t, options.budget_elements, dense, dtype)
-            else:
-                prompt_scores = _scores_t(image_rr, prompt_t, options.budget_elements, dense, dtype)
-                scores = _max_over_templates(prompt_scores, prompt_class, num_classes)
-            metrics = accuracy_metrics(scores, labels, num_classes)
-            metrics["predictions"] = metrics["predictions"].cpu()
-            no_overlap = float((scores == 0).all(dim=1).float().mean())
-            cells.append(
-                CellResult(
-                    n=n,
-                    k=k,
-                    p=p,
-                    no_overlap_fraction=no_overlap,
-                    scores=scores.cpu() if keep_scores else None,
-                    **metrics,
-                )
-            )
-            bar.update()
-    bar.close()
-    timings["scoring_s"] = time.perf_counter() - start
+    for params, scores in score_grid(inputs, ns, ks, ps, options, timings, progress, topk_memo):
+        metrics = classification_metrics(scores, labels, num_classes)
+        cells.append(CellResult(**params, scores=scores.cpu() if keep_scores else None, **metrics))
     return cells, timings
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def asif_options(cfg) -> AsifOptions:
+    """The `asif` config group (and `device`) as engine options; bad values fail here."""
+    return AsifOptions(
+        clamp_negative=cfg.asif.clamp_negative,
+        normalize=cfg.asif.normalize,
+        template_aggregation=cfg.asif.template_aggregation,
+        compute_dtype=cfg.asif.compute_dtype,
+        memory_budget_mb=cfg.asif.memory_budget_mb,
+        device=cfg.device,
+    )
+
+
+# Top-k passes kept between the jobs of an in-process multirun over k, p and n; only the
+# latest set of embeddings is kept, to bound memory.
+_TOPK_MEMO: dict[tuple, dict] = {}
+
+
+def topk_memo_for(embedding_keys: tuple) -> dict:
+    if embedding_keys not in _TOPK_MEMO:
+        _TOPK_MEMO.clear()
+        _TOPK_MEMO[embedding_keys] = {}
+    return _TOPK_MEMO[embedding_keys]
+
+
+@dataclass
+class AsifMethod:
+    """ASIF over the grid anchor prefixes x `asif.k` x `asif.p`, in one top-k pass."""
+
+    ks: list[int]
+    ps: list[float]
+    options: AsifOptions
+    preset: str = "clean"
+    progress: bool = True
+    name: str = "asif"
+
+    def record(self) -> dict:
+        return {
+            **self.options.to_dict(),
+            "preset": self.preset,
+            "function": function_of(self.options),
+        }
+
+    def check(self, ns: list[int]) -> None:
+        check_grid(ns, self.ks, self.ps, max(ns), self.options.clamp_negative)
+
+    def score(
+        self, problem: EmbeddedProblem, ns: list[int], report: MethodReport
+    ) -> Iterator[ScoredCell]:
+        targets = problem.targets
+        groups = targets.groups
+        if groups is None:  # each text its own target
+            groups = torch.arange(len(targets.texts))
+        inputs = GridInputs(
+            problem.images,
+            problem.anchor_images,
+            targets.embeddings,
+            problem.anchor_texts,
+            groups,
+            targets.count,
+        )
+        grid: dict = {}
+        memo = topk_memo_for(problem.cache_keys)
+        for params, scores in score_grid(
+            inputs, ns, self.ks, self.ps, self.options, grid, self.progress, memo
+        ):
+            yield ScoredCell(params, scores)
+        report.notes["skipped_cells_k_gt_n"] = grid.pop("skipped")
+        report.timings.update(grid)
+
+
+def build(cfg) -> AsifMethod:
+    options = asif_options(cfg)
+    function = function_of(options)
+    if function != cfg.asif.preset and cfg.asif.preset != "custom":
+        log.warning(
+            "asif.preset=%s, but the options compute the %r function; results record both",
+            cfg.asif.preset,
+            function,
+        )
+    return AsifMethod(
+        ks=int_values("asif.k", cfg.asif.k),
+        ps=positive_values("asif.p", cfg.asif.p),
+        options=options,
+        preset=cfg.asif.preset,
+        progress=cfg.progress,
+    )
+
+
+def grid_values(cfg, n_available: int) -> tuple[list[int], list[int], list[float]]:
+    """asif.n, asif.k and asif.p as typed lists, checked against the anchors available."""
+    ns = anchor_prefixes(cfg.asif.n, n_available)
+    method = build(cfg)
+    method.check(ns)
+    return ns, method.ks, method.ps
+
+
+@dataclass
+class ModelScores:
+    """One scoring pass of a single (n, k, p) model, kept whole for explanations and usage."""
+
+    image_rr: Tensor  # sparse CSR (queries x n)
+    targets: Tensor  # sparse CSR (targets x n): class means ("mean") or prompts ("max")
+    target_scores: Tensor  # (queries x targets)
+    scores: Tensor  # (queries x classes)
+
+
+def model_scores(
+    image_top: TopK,
+    prompt_top: TopK,
+    k: int,
+    p: float,
+    groups: Tensor,
+    num_groups: int,
+    options: AsifOptions,
+) -> ModelScores:
+    """The scoring core applied to one model's top-k snapshots; results on the CPU."""
+    image_rr = image_representations(image_top, k, p, options)
+    prompt_t = prompt_representations_t(prompt_top, k, p, options)
+    targets_t, target_scores, scores = score_targets(
+        image_rr, prompt_t, groups.long().to(image_rr.device), num_groups, options
+    )
+    return ModelScores(
+        image_rr.cpu(), _transpose_csr(targets_t).cpu(), target_scores.cpu(), scores.cpu()
+    )

@@ -1,0 +1,74 @@
+"""What a method is: given the embedded problem and the anchor prefixes, a score matrix per cell.
+
+A method module `asif_exp/methods/<name>.py` defines `build(cfg) -> Method`; the config file
+`conf/method/<name>.yaml` holds `name: <name>` and the method's own options. That is all it
+takes to add one (the pipeline finds the module by the name).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from asif_exp.problem import EmbeddedProblem
+
+
+@dataclass
+class ScoredCell:
+    """One cell of a method's grid: its parameters and its (images x targets) scores."""
+
+    params: dict[str, Any]  # e.g. {"n": 200, "k": 50, "p": 2.0} or {"n": 200, "alpha": 1.0}
+    scores: Tensor  # dense float32; targets are groups (classes) when the texts are grouped
+
+
+@dataclass
+class MethodReport:
+    """What a method tells about its run besides scores; both go into results.json."""
+
+    timings: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # e.g. cells skipped as invalid
+
+
+class Method(Protocol):
+    name: str
+
+    def record(self) -> dict:
+        """Every option that changes a number (recorded in results.json)."""
+
+    def check(self, ns: list[int]) -> None:
+        """Fail, before anything is encoded, on a grid this method cannot run."""
+
+    def score(
+        self, problem: EmbeddedProblem, ns: list[int], report: MethodReport
+    ) -> Iterator[ScoredCell]:
+        """Every cell of the grid: `ns` anchor prefixes (the first n pairs) times the method's
+        own hyper-parameters."""
+
+
+def load_method(cfg) -> Method:
+    """The method named by `cfg.method.name`, built from the config."""
+    name = cfg.method.name
+    try:
+        module = importlib.import_module(f"asif_exp.methods.{name}")
+    except ModuleNotFoundError:
+        raise ValueError(
+            f"method={name!r}: no module asif_exp/methods/{name}.py (see conf/method/)"
+        ) from None
+    return module.build(cfg)
+
+
+def max_over_groups(scores: Tensor, groups: Tensor, num_groups: int) -> Tensor:
+    """(images x groups): each group's best text."""
+    images, texts = scores.shape
+    per_group = texts // num_groups
+    layout = torch.arange(num_groups, device=groups.device).repeat_interleave(per_group)
+    if per_group * num_groups == texts and torch.equal(groups, layout):
+        # texts grouped contiguously, as many per group: a reshape instead of a scatter
+        return scores.view(images, num_groups, per_group).amax(dim=2)
+    out = scores.new_full((images, num_groups), -torch.inf)
+    return out.scatter_reduce(1, groups.expand(images, -1), scores, reduce="amax")

@@ -1,0 +1,271 @@
+"""One job: config -> data -> embeddings (cached) -> method -> task -> results.json.
+
+`embed_problem` turns a composed config into the embedded problem (used by the main run and by
+`explain`); the cache identities of every embedding are built here only (`extract` uses them
+too), so that a chunked extraction fills exactly the entries a run looks up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from asif_exp.data import AnchorSet, Benchmark, load_anchors, load_benchmark, sha_of
+from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key
+from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
+from asif_exp.methods.base import Method, MethodReport, load_method
+from asif_exp.options import anchor_prefixes
+from asif_exp.problem import EmbeddedProblem, Targets
+from asif_exp.results import (
+    RESULTS_FILE,
+    CellResult,
+    DataSummary,
+    ResultsFormatError,
+    RunResults,
+    read_results,
+)
+from asif_exp.tasks.base import Task, load_task
+from asif_exp.tracking import open_tracker
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- cache identities
+
+
+def image_cache_identity(vision_cfg, source) -> dict:
+    """Everything that changes an image set's embeddings: encoder (weights, preprocessing)
+    and the images' content and order (`source.fingerprint`), not where they are stored."""
+    return {"kind": "image", "encoder": vision_identity(vision_cfg), "data": source.fingerprint}
+
+
+def text_cache_identity(text_cfg, texts: list[str]) -> dict:
+    return {"kind": "text", "encoder": text_identity(text_cfg), "texts_sha": sha_of(texts)}
+
+
+def encoder_identities(cfg: DictConfig) -> dict:
+    return {"vision": vision_identity(cfg.encoder.vision), "text": text_identity(cfg.encoder.text)}
+
+
+class Embedder:
+    """Cached embeddings for a job; encoders are loaded only on a cache miss."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.cache = EmbeddingCache(cfg.paths.cache_dir, enabled=cfg.cache)
+        self.cached: dict[str, bool] = {}
+        self.keys: list[str] = []  # identity keys of everything embedded, in order
+
+    @cache  # noqa: B019 - one Embedder per job
+    def image_encoder(self) -> ImageEncoder:
+        return ImageEncoder(self.cfg.encoder.vision, self.cfg.device)
+
+    @cache  # noqa: B019
+    def text_encoder(self) -> TextEncoder:
+        return TextEncoder(self.cfg.encoder.text, self.cfg.device)
+
+    def images(self, source, description: str) -> tuple[torch.Tensor, list[int], list[dict]]:
+        """(embeddings of the readable images, their positions in `source`, the failures)."""
+        vision = self.cfg.encoder.vision
+        identity = image_cache_identity(vision, source)
+
+        def compute():
+            embeddings, kept, failures = encode_images(
+                self.image_encoder(),
+                source,
+                vision.batch_size,
+                vision.num_workers,
+                self.cfg.data.on_bad_image,
+                description,
+                self.cfg.progress,
+            )
+            return {"embeddings": embeddings, "kept": torch.tensor(kept)}, {"failures": failures}
+
+        tensors, extra, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        self.keys.append(identity_key(identity))
+        return tensors["embeddings"], tensors["kept"].tolist(), extra["failures"]
+
+    def texts(self, texts: list[str], description: str) -> torch.Tensor:
+        identity = text_cache_identity(self.cfg.encoder.text, texts)
+
+        def compute():
+            return {"embeddings": self.text_encoder().encode(texts, self.cfg.progress)}, {}
+
+        tensors, _, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        self.keys.append(identity_key(identity))
+        return tensors["embeddings"]
+
+
+# ----------------------------------------------------------------------------- the problem
+
+
+@dataclass
+class EmbeddedAnchors:
+    data: AnchorSet
+    images: torch.Tensor  # readable pairs only, dataset order
+    texts: torch.Tensor
+    kept: list[int]  # positions of the readable pairs in the anchor set
+    failures: list[dict]
+
+
+def embed_anchors(embedder: Embedder, anchors: AnchorSet) -> EmbeddedAnchors:
+    images, kept, failures = embedder.images(anchors.images, f"anchors {anchors.name}")
+    texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}")[kept]
+    return EmbeddedAnchors(anchors, images, texts, kept, failures)
+
+
+def class_prompt_targets(embedder: Embedder, benchmark: Benchmark) -> Targets:
+    prompts, prompt_class = benchmark.prompts()
+    return Targets(
+        prompts,
+        embedder.texts(prompts, f"prompts {benchmark.name}"),
+        torch.tensor(prompt_class),
+        list(benchmark.class_names),
+    )
+
+
+def embed_problem(
+    cfg: DictConfig, embedder: Embedder, anchors: AnchorSet, benchmark: Benchmark
+) -> EmbeddedProblem:
+    """Anchors, benchmark images, class prompts and labels, embedded (from the cache if there)."""
+    anchor = embed_anchors(embedder, anchors)
+    images, kept, failures = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
+    targets = class_prompt_targets(embedder, benchmark)
+    return EmbeddedProblem(
+        anchor_images=anchor.images,
+        anchor_texts=anchor.texts,
+        images=images,
+        targets=targets,
+        truth=torch.tensor(benchmark.labels)[kept],
+        cache_keys=tuple(embedder.keys),
+        info={
+            "anchors": DataSummary(
+                anchors.name,
+                len(anchors.captions),
+                len(anchor.kept),
+                anchor.failures,
+                {"repeated_pairs": anchors.repeats},
+            ),
+            "benchmark": DataSummary(
+                benchmark.name,
+                len(benchmark.labels),
+                len(kept),
+                failures,
+                {"class_names": benchmark.class_names, "templates": benchmark.templates},
+            ),
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one job; its results as written to `<output_dir>/results.json`."""
+    return run_job(cfg).to_dict()
+
+
+def run_job(cfg: DictConfig) -> RunResults:
+    """Run one job and return its results record (also written to `<output_dir>/results.json`).
+
+    With `skip_existing`, a job whose results.json exists is not run again (resuming a sweep).
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    results_path = output_dir / RESULTS_FILE
+    if cfg.skip_existing and results_path.exists():
+        try:
+            finished = read_results(results_path)
+            log.info("skip_existing: %s already holds results", results_path)
+            return finished
+        except ResultsFormatError as error:  # written atomically, so only hand edits get here
+            log.warning("skip_existing: %s; running the job again", error)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    job_name = f"{cfg.anchors.name}-{cfg.benchmark.name}-n{cfg.asif.n}-k{cfg.asif.k}-p{cfg.asif.p}"
+    with open_tracker(cfg.logger, resolved, output_dir, job_name) as tracker:
+        results = evaluate(cfg, resolved)
+        tracker.log_results(results)
+    results.write(results_path)
+    return results
+
+
+def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
+    started = time.perf_counter()
+    method, task = load_method(cfg), load_task(cfg)
+    torch.manual_seed(cfg.seed)
+
+    anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
+    benchmark = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    method.check(anchor_prefixes(cfg.asif.n, len(anchors.captions)))  # before any encoding
+
+    embedder = Embedder(cfg)
+    t = time.perf_counter()
+    problem = embed_problem(cfg, embedder, anchors, benchmark)
+    timings = {"embeddings_s": time.perf_counter() - t}
+    ns = anchor_prefixes(cfg.asif.n, len(problem.anchor_images))  # n = null: all readable
+    method.check(ns)
+
+    report = MethodReport()
+    cells = score_and_measure(method, task, problem, ns, report)
+    timings.update(report.timings)
+    timings["total_s"] = time.perf_counter() - started
+    return RunResults(
+        method=method.name,
+        task=task.name,
+        options=method.record(),
+        anchors=problem.info["anchors"],
+        benchmark=problem.info["benchmark"],
+        encoders=encoder_identities(cfg),
+        cells=cells,
+        headline=headline(cells),
+        primary_metric=task.primary_metric,
+        embeddings_from_cache=embedder.cached,
+        notes=report.notes,
+        timings=timings,
+        config=resolved,
+    )
+
+
+def score_and_measure(
+    method: Method, task: Task, problem: EmbeddedProblem, ns: list[int], report: MethodReport
+) -> list[CellResult]:
+    """Every cell of the method's grid, scored and measured by the task."""
+    return [
+        CellResult(cell.params, task.metrics(cell.scores, problem))
+        for cell in method.score(problem, ns, report)
+    ]
+
+
+def headline(cells: list[CellResult]) -> CellResult:
+    """The single cell of a plain run; for a grid, the largest parameters (e.g. (n, k, p))."""
+    return cells[0] if len(cells) == 1 else max(cells, key=lambda c: tuple(c.params.values()))
+
+
+def summary_table(results: RunResults, max_rows: int = 20) -> str:
+    """A short, readable table of the cells, best first by the task's primary metric."""
+    primary = results.primary_metric
+    rows = sorted(results.rows(), key=lambda r: -r[primary])
+    params = list(results.headline.params)
+    metrics = results.scalar_metrics()
+    bench = results.benchmark
+    classes = bench.details.get("class_names")
+    lines = [
+        f"{results.method}  anchors={results.anchors.name} ({results.anchors.used} pairs)  "
+        f"benchmark={bench.name} ({bench.used} images"
+        + (f", {len(classes)} classes, chance {1 / len(classes):.3f})" if classes else ")"),
+        " ".join(f"{name:>9}" for name in params + metrics),
+    ]
+    for r in rows[:max_rows]:
+        lines.append(
+            " ".join(f"{r[name]:>9g}" for name in params)
+            + " "
+            + " ".join(f"{r[name]:>9.4f}" for name in metrics)
+        )
+    if len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more cells in results.json")
+    return "\n".join(lines)

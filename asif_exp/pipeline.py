@@ -29,6 +29,7 @@ from asif_exp.results import (
     ResultsFormatError,
     RunResults,
     read_results,
+    results_from_dict,
 )
 from asif_exp.tasks.base import Task, load_task
 from asif_exp.tracking import open_tracker
@@ -246,8 +247,10 @@ def headline(cells: list[CellResult]) -> CellResult:
     return cells[0] if len(cells) == 1 else max(cells, key=lambda c: tuple(c.params.values()))
 
 
-def summary_table(results: RunResults, max_rows: int = 20) -> str:
+def summary_table(results: RunResults | dict, max_rows: int = 20) -> str:
     """A short, readable table of the cells, best first by the task's primary metric."""
+    if isinstance(results, dict):  # as `run` returns it
+        results = results_from_dict(results)
     primary = results.primary_metric
     rows = sorted(results.rows(), key=lambda r: -r[primary])
     params = list(results.headline.params)

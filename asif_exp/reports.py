@@ -10,7 +10,6 @@ A "setup" is everything but the grid: encoders, anchors, benchmark (and subset),
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
+from asif_exp.results import RunResults, read_results
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def _variant(results: dict) -> str:
-    options = results.get("options", {})
+def _variant(results: RunResults) -> str:
+    options = results.options
     return (
         f"{options.get('preset', 'clean')}: clamp={options.get('clamp_negative')}, "
         f"normalize={options.get('normalize')}, templates={options.get('template_aggregation')}"
@@ -113,25 +114,25 @@ def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per grid cell of every results.json; a cell computed twice keeps the newest."""
     rows = []
     for file in find_results(paths):
-        results = json.loads(file.read_text())
-        config = results.get("config", {})
+        results = read_results(file)
+        config = results.config
         bench_cfg = config.get("benchmark", {})
         common = {
-            "vision": results["encoders"]["vision"]["model_name"],
-            "text": results["encoders"]["text"]["model_name"],
-            "anchors": results["anchors"]["name"],
-            "pairs": results["anchors"]["pairs_used"],
-            "benchmark": results["benchmark"]["name"],
+            "vision": results.encoders["vision"]["model_name"],
+            "text": results.encoders["text"]["model_name"],
+            "anchors": results.anchors.name,
+            "pairs": results.anchors.used,
+            "benchmark": results.benchmark.name,
             "subset": bench_cfg.get("subset") or 0,
             "split": bench_cfg.get("authors_split") or "all",
             "variant": _variant(results),
-            "images": results["benchmark"]["images_used"],
-            "classes": len(results["benchmark"]["class_names"]),
+            "images": results.benchmark.used,
+            "classes": len(results.benchmark.details["class_names"]),
             "sweep_name": config.get("sweep_name"),
             "path": str(file),
             "mtime": file.stat().st_mtime,
         }
-        for cell in results["cells"]:
+        for cell in results.rows():
             rows.append(
                 {
                     **common,

@@ -6,6 +6,7 @@ a positive option must be finite and above zero. Errors name the config key.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -82,3 +83,18 @@ def check_prefixes(ns: Sequence[int], n_available: int) -> None:
             raise ValueError(
                 f"asif.n={n}: must be between 1 and the {n_available} anchors available"
             )
+
+
+def build_component(package: str, group: str, cfg) -> Any:
+    """`asif_exp.<package>.<name>.build(cfg)`, `name` being `cfg.<group>.name`: adding a method
+    or a task is one module plus one config file, with no list to update."""
+    name = cfg[group].name
+    try:
+        module = importlib.import_module(f"asif_exp.{package}.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"asif_exp.{package}.{name}":
+            raise  # the module exists but one of its imports is missing
+        raise ValueError(
+            f"{group}={name!r}: no module asif_exp/{package}/{name}.py (see conf/{group}/)"
+        ) from None
+    return module.build(cfg)

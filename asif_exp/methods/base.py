@@ -7,7 +7,6 @@ takes to add one (the pipeline finds the module by the name).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from asif_exp.options import build_component
 from asif_exp.problem import EmbeddedProblem
 
 
@@ -52,14 +52,7 @@ class Method(Protocol):
 
 def load_method(cfg) -> Method:
     """The method named by `cfg.method.name`, built from the config."""
-    name = cfg.method.name
-    try:
-        module = importlib.import_module(f"asif_exp.methods.{name}")
-    except ModuleNotFoundError:
-        raise ValueError(
-            f"method={name!r}: no module asif_exp/methods/{name}.py (see conf/method/)"
-        ) from None
-    return module.build(cfg)
+    return build_component("methods", "method", cfg)
 
 
 def max_over_groups(scores: Tensor, groups: Tensor, num_groups: int) -> Tensor:

@@ -6,11 +6,11 @@ A task module `asif_exp/tasks/<name>.py` defines `build(cfg) -> Task`; the confi
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol
 
 from torch import Tensor
 
+from asif_exp.options import build_component
 from asif_exp.problem import EmbeddedProblem
 
 
@@ -23,11 +23,5 @@ class Task(Protocol):
 
 
 def load_task(cfg) -> Task:
-    name = cfg.task.name
-    try:
-        module = importlib.import_module(f"asif_exp.tasks.{name}")
-    except ModuleNotFoundError:
-        raise ValueError(
-            f"task={name!r}: no module asif_exp/tasks/{name}.py (see conf/task/)"
-        ) from None
-    return module.build(cfg)
+    """The task named by `cfg.task.name`, built from the config."""
+    return build_component("tasks", "task", cfg)

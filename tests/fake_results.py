@@ -1,4 +1,4 @@
-"""Tiny, hand-made results.json files (format version 1, as written before schema 2; still read) for report tests."""
+"""Tiny, hand-made results.json files (format version 1, still read) for report tests."""
 
 from __future__ import annotations
 

@@ -19,7 +19,16 @@ def test_default_config_composes_and_resolves(tmp_path):
     assert resolved["paths"]["data_root"].endswith("data")
 
 
-GROUPS = ["encoder/vision", "encoder/text", "anchors", "benchmark", "asif", "method", "task", "logger"]
+GROUPS = [
+    "encoder/vision",
+    "encoder/text",
+    "anchors",
+    "benchmark",
+    "asif",
+    "method",
+    "task",
+    "logger",
+]
 
 
 @pytest.mark.parametrize(

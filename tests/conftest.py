@@ -57,3 +57,10 @@ def require_shared_data(*parts: str) -> Path:
 def tiny_cache_dir(tmp_path_factory) -> Path:
     """One embedding cache for the whole session, so each tiny dataset is encoded once."""
     return tmp_path_factory.mktemp("cache")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a child Python: it imports this checkout's asif_exp (not whichever
+    copy the virtual environment was installed from, e.g. another git worktree)."""
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

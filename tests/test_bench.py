@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench_engine.py"
 TINY = [
@@ -55,6 +56,7 @@ def test_bench_cli_with_the_authors_sparse_branch(tmp_path, baseline_gb):
         capture_output=True,
         text=True,
         timeout=600,
+        env=subprocess_env(),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "whole grid (12 cells)" in result.stdout

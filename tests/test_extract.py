@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -281,7 +281,7 @@ def test_fan_out_as_hydra_jobs_with_joblib(tmp_path):
         "extract.chunk_size=3",
         *TINY,
     ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    env = subprocess_env(HYDRA_FULL_ERROR="1")
     fan_out = subprocess.run(
         [
             sys.executable,

@@ -1,11 +1,10 @@
 """A real Hydra multirun in a subprocess: `python -m asif_exp +sweep=k_p_n`."""
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import PROJECT_ROOT, TINY
+from conftest import PROJECT_ROOT, TINY, subprocess_env
 
 
 def test_sweep_k_p_n_leaves_one_results_json_per_job(tmp_path, tiny_cache_dir):
@@ -21,7 +20,7 @@ def test_sweep_k_p_n_leaves_one_results_json_per_job(tmp_path, tiny_cache_dir):
         f"paths.cache_dir={tiny_cache_dir}",
         f"hydra.sweep.dir={tmp_path}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env(HF_HUB_OFFLINE="1")
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )

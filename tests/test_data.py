@@ -7,7 +7,7 @@ from conftest import SHARED_DATA, compose_config, require_shared_data
 from omegaconf import OmegaConf
 from PIL import Image
 
-from asif_exp.data import DataError, _balanced_subset, load_anchors, load_benchmark
+from asif_exp.data import DataError, balanced_subset, load_anchors, load_benchmark
 from asif_exp.synthetic import SHAPES, SyntheticShapes
 
 
@@ -150,12 +150,12 @@ def test_empty_class_list_is_an_error(tmp_path):
         )
 
 
-def test_balanced_subset_is_balanced_and_seeded():
+def testbalanced_subset_is_balanced_and_seeded():
     labels = [i % 4 for i in range(400)]
-    subset = _balanced_subset(labels, 40, seed=3)
+    subset = balanced_subset(labels, 40, seed=3)
     assert subset == sorted(subset) and len(set(subset)) == 40
     assert [sum(labels[i] == c for i in subset) for c in range(4)] == [10] * 4
-    assert subset == _balanced_subset(labels, 40, seed=3) != _balanced_subset(labels, 40, seed=4)
+    assert subset == balanced_subset(labels, 40, seed=3) != balanced_subset(labels, 40, seed=4)
 
 
 def test_local_coco_mini_anchors():

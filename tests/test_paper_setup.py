@@ -40,9 +40,9 @@ def _folders(root: Path, names: list[str], per_class: int = 2) -> None:
 
 
 def test_imagenet_wnid_folders_and_imagenet_v2_index_folders(tmp_path, monkeypatch):
-    import asif_exp.data as data
+    import asif_exp.data.registry as registry
 
-    monkeypatch.setattr(data, "load_class_names", lambda name: ["tench", "goldfish", "shark"])
+    monkeypatch.setattr(registry, "load_class_names", lambda name: ["tench", "goldfish", "shark"])
     _folders(tmp_path / "in" / "val", ["n01443537", "n01440764", "n01484850"])
     cfg = _compose("benchmark=imagenet", f"paths.data_root={tmp_path}", "benchmark.root=in/val")
     bench = load_benchmark(cfg.benchmark, cfg.paths.data_root)

@@ -1,0 +1,50 @@
+"""Anchor sets (image-caption pairs) and benchmarks (labelled images, class names, templates).
+
+One module per source kind, each registering its loader kinds with `registry`:
+pairs_files (jsonl, csv), shards (webdataset, parquet, hf_files: img2dataset output),
+hf_torchvision (hf, torchvision), image_folders (image_folder, labels_csv, class_index_folder)
+and synthetic (the embedded default). `common` holds the types and helpers they share.
+"""
+
+from asif_exp.data import hf_torchvision, image_folders, pairs_files, shards, synthetic  # noqa: F401
+from asif_exp.data.common import (
+    IMAGE_SUFFIXES,
+    REPEATED_PAIRS_POLICIES,
+    AnchorSet,
+    Benchmark,
+    DataError,
+    ImageFiles,
+    Subset,
+    apply_repeated_pairs_policy,
+    authors_split_indices,
+    balanced_subset,
+    sha_of,
+)
+from asif_exp.data.hf_torchvision import HFImages
+from asif_exp.data.registry import ANCHOR_LOADERS, BENCHMARK_LOADERS, load_anchors, load_benchmark
+from asif_exp.data.shards import MissingImage, ShardImages, scan_tar, shard_files
+from asif_exp.data.synthetic import SyntheticImages
+
+__all__ = [
+    "ANCHOR_LOADERS",
+    "BENCHMARK_LOADERS",
+    "IMAGE_SUFFIXES",
+    "REPEATED_PAIRS_POLICIES",
+    "AnchorSet",
+    "Benchmark",
+    "DataError",
+    "HFImages",
+    "ImageFiles",
+    "MissingImage",
+    "ShardImages",
+    "Subset",
+    "SyntheticImages",
+    "apply_repeated_pairs_policy",
+    "authors_split_indices",
+    "balanced_subset",
+    "load_anchors",
+    "load_benchmark",
+    "scan_tar",
+    "shard_files",
+    "sha_of",
+]

@@ -1,0 +1,248 @@
+"""What every loader shares: the error type, content hashes, images on disk, subsets, and the
+two things loaders produce, an AnchorSet (image-caption pairs) and a Benchmark (labelled images,
+class names, templates).
+
+Every image source exposes `ids` (stable, unique, in order), `load(i) -> PIL.Image` and a
+`fingerprint` dict: what identifies its content for the embedding cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def sha_of(items) -> str:
+    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
+
+
+class DataError(ValueError):
+    """Missing or malformed data, with where it was looked for."""
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+class ImageFiles:
+    """Images on disk; ids are paths relative to `root`."""
+
+    def __init__(self, root: Path, relative_paths: list[str]):
+        self.root = root
+        self.ids = list(relative_paths)
+        sizes = []
+        for rel in self.ids:
+            path = root / rel
+            if not path.is_file():
+                raise DataError(f"image file not found: {path}")
+            sizes.append(path.stat().st_size)
+        # Content, not location: the same files under another folder (or machine) share the
+        # cache. Names and sizes of every file, and the bytes of a spread-out sample of them.
+        self.fingerprint = {
+            "source": "files",
+            "ids_sha": sha_of(self.ids),
+            "sizes_sha": sha_of(sizes),
+            "sample_sha": _sample_sha(root, self.ids),
+        }
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.root / self.ids[index]) as image:
+            return image.convert("RGB")
+
+
+def _sample_sha(root: Path, ids: list[str], samples: int = 32) -> str:
+    """sha256 of the bytes of up to `samples` distinct files spread evenly over `ids`."""
+    distinct = list(dict.fromkeys(ids))
+    step = max(1, len(distinct) // samples)
+    digest = hashlib.sha256()
+    for rel in distinct[::step][:samples]:
+        digest.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    return digest.hexdigest()
+
+
+class Subset:
+    """A subset of another source, in the given order."""
+
+    def __init__(self, source, indices: list[int]):
+        if isinstance(source, Subset):  # flatten, so the fingerprint names the original images
+            indices, source = [source.indices[i] for i in indices], source.source
+        self.source, self.indices = source, list(indices)
+        self.ids = [source.ids[i] for i in self.indices]
+        self.fingerprint = {**source.fingerprint, "subset_sha": sha_of(self.indices)}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Image.Image:
+        return self.source.load(self.indices[index])
+
+
+# ----------------------------------------------------------------------------- sets
+
+
+@dataclass
+class AnchorSet:
+    name: str
+    images: object  # an image source; images[i] pairs with captions[i]
+    captions: list[str]
+    repeats: dict | None = None  # what apply_repeated_pairs_policy found and did
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.captions):
+            raise DataError(
+                f"anchors {self.name}: {len(self.images)} images but {len(self.captions)} captions"
+            )
+        if len(self.captions) == 0:
+            raise DataError(f"anchors {self.name}: no image-caption pairs")
+        for i, caption in enumerate(self.captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise DataError(
+                    f"anchors {self.name}: caption of pair {i} ({self.images.ids[i]}) is empty"
+                )
+
+    def repeated_pairs(self) -> list[tuple[int, int]]:
+        """(first, repeat) positions of every pair whose image and caption both occurred before.
+
+        One image with several captions is legitimate (COCO has 5); the same pair twice is a
+        repeat (Flickr8k has 8).
+        """
+        first: dict[tuple[str, str], int] = {}
+        repeats = []
+        for i, pair in enumerate(zip(self.images.ids, self.captions, strict=True)):
+            if pair in first:
+                repeats.append((first[pair], i))
+            else:
+                first[pair] = i
+        return repeats
+
+
+REPEATED_PAIRS_POLICIES = ("keep", "drop", "error")
+
+
+def apply_repeated_pairs_policy(anchors: AnchorSet, policy: str) -> tuple[AnchorSet, dict]:
+    """Keep, drop (all but the first occurrence) or refuse repeated pairs; report what was found.
+
+    The report (policy, count, first examples) goes to the log and to results.json.
+    """
+    if policy not in REPEATED_PAIRS_POLICIES:
+        raise DataError(
+            f"anchors.repeated_pairs={policy!r}: expected one of {REPEATED_PAIRS_POLICIES}"
+        )
+    repeats = anchors.repeated_pairs()
+    examples = [
+        {"first": a, "repeat": b, "image": anchors.images.ids[b], "caption": anchors.captions[b]}
+        for a, b in repeats[:5]
+    ]
+    report = {"policy": policy, "count": len(repeats), "examples": examples}
+    if repeats and policy == "error":
+        a, b = repeats[0]
+        raise DataError(
+            f"anchors {anchors.name}: {len(repeats)} repeated pairs, the first: pairs {a} and {b} "
+            f"are the same (image {anchors.images.ids[b]!r}, caption {anchors.captions[b]!r}); "
+            "set anchors.repeated_pairs=keep or drop"
+        )
+    if repeats and policy == "drop":
+        dropped = {b for _, b in repeats}
+        kept = [i for i in range(len(anchors.captions)) if i not in dropped]
+        anchors = AnchorSet(
+            anchors.name, Subset(anchors.images, kept), [anchors.captions[i] for i in kept]
+        )
+    return anchors, report
+
+
+@dataclass
+class Benchmark:
+    name: str
+    images: object
+    labels: list[int]
+    class_names: list[str]
+    templates: list[str]
+
+    def __post_init__(self) -> None:
+        if not self.class_names:
+            raise DataError(f"benchmark {self.name}: the class list is empty")
+        if len(self.images) == 0:
+            raise DataError(f"benchmark {self.name}: no images")
+        if len(self.labels) != len(self.images):
+            raise DataError(
+                f"benchmark {self.name}: {len(self.images)} images but {len(self.labels)} labels"
+            )
+        seen: set[str] = set()
+        for i, image_id in enumerate(self.images.ids):
+            if image_id in seen:
+                raise DataError(f"benchmark {self.name}: image id {image_id!r} repeats (at {i})")
+            seen.add(image_id)
+        bad = [y for y in self.labels if not 0 <= y < len(self.class_names)]
+        if bad:
+            raise DataError(
+                f"benchmark {self.name}: labels {sorted(set(bad))[:5]} outside "
+                f"0..{len(self.class_names) - 1}"
+            )
+
+    def prompts(self) -> tuple[list[str], list[int]]:
+        """Class-major prompts (class c, template t at c * T + t) and each prompt's class."""
+        texts = [t.format(name) for name in self.class_names for t in self.templates]
+        classes = [c for c in range(len(self.class_names)) for _ in self.templates]
+        return texts, classes
+
+
+def resolve_path(path: str | None, data_root: str, what: str) -> Path:
+    if not path:
+        raise DataError(f"{what}: no path configured")
+    resolved = Path(path.format(data_root=data_root)).expanduser()
+    if not resolved.is_absolute():
+        resolved = Path(data_root) / resolved
+    if not resolved.exists():
+        raise DataError(
+            f"{what}: {resolved} does not exist (data_root={data_root}; set paths.data_root "
+            f"or the ASIF_DATA_ROOT environment variable)"
+        )
+    return resolved
+
+
+def balanced_subset(labels: list[int], size: int, seed: int) -> list[int]:
+    """`size` indices spread evenly over classes (seeded), in ascending order."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        by_class[label].append(index)
+    rng = random.Random(seed)
+    for members in by_class.values():
+        rng.shuffle(members)
+    chosen, round_index = [], 0
+    while len(chosen) < min(size, len(labels)):
+        for label in sorted(by_class):
+            if round_index < len(by_class[label]) and len(chosen) < size:
+                chosen.append(by_class[label][round_index])
+        round_index += 1
+    return sorted(chosen)
+
+
+def authors_split_indices(size: int, split: str, seed: int = 42) -> list[int]:
+    """The ASIF authors' split: `torch.randperm(size)` from a generator seeded with `seed`;
+    "val" is its first half (where k and p are tuned) and "test" the rest. Sorted indices."""
+    import torch
+
+    if split not in ("val", "test"):
+        raise DataError(f"benchmark.authors_split={split!r}: expected null, val or test")
+    permutation = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    half = size // 2
+    return sorted(permutation[:half] if split == "val" else permutation[half:])
+
+
+def apply_authors_split(images, labels: list[int], split: str, seed: int):
+    indices = authors_split_indices(len(labels), split, seed)
+    if isinstance(images, Subset):
+        # Index the original source, so the cache fingerprint names both selections.
+        images = Subset(images.source, [images.indices[i] for i in indices])
+    else:
+        images = Subset(images, indices)
+    return images, [labels[i] for i in indices]

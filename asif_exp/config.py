@@ -133,7 +133,7 @@ class PathsConfig:
 
 @dataclass
 class DataConfig:
-    on_bad_image: str = "skip"  # skip (and report), raise
+    on_bad_image: str = "skip"  # skip (and report), skip_failed_downloads, raise
 
 
 @dataclass

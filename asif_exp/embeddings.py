@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from asif_exp.data import DataError, MissingImage
+
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
@@ -109,6 +111,30 @@ class EmbeddingCache:
 
 # ----------------------------------------------------------------------------- encoding
 
+# data.on_bad_image: what an image that cannot be loaded does. "skip_failed_downloads" skips
+# only the pairs a shard lists without an image (MissingImage: a failed download) and stops at
+# corrupt bytes; "skip" skips both; "raise" stops at the first.
+ON_BAD_IMAGE = ("skip", "skip_failed_downloads", "raise")
+
+
+def check_on_bad_image(mode: str) -> None:
+    if mode not in ON_BAD_IMAGE:
+        raise ValueError(f"data.on_bad_image={mode!r}: expected one of {', '.join(ON_BAD_IMAGE)}")
+
+
+def refuse_bad_images(failures: list[dict], on_bad_image: str, description: str) -> None:
+    """Raise for the first failure that `on_bad_image` does not accept (also for failures read
+    back from the cache, which was filled under whichever mode ran first)."""
+    check_on_bad_image(on_bad_image)
+    for failure in failures:
+        missing = failure["error"].startswith(f"{MissingImage.__name__}:")
+        if on_bad_image == "raise" or (on_bad_image == "skip_failed_downloads" and not missing):
+            hint = " (not a failed download)" if on_bad_image == "skip_failed_downloads" else ""
+            raise DataError(
+                f"{description}: unreadable image {failure['id']!r}{hint}: {failure['error']} "
+                f"(data.on_bad_image={on_bad_image})"
+            )
+
 
 class _Pixels(Dataset):
     def __init__(self, source, indices: list[int], transform):
@@ -142,6 +168,7 @@ def encode_images(
 
     Returns (embeddings of the kept images, kept indices, failures [{id, error}]).
     """
+    check_on_bad_image(on_bad_image)
     first_of_id: dict[str, int] = {}
     for index, image_id in enumerate(source.ids):
         first_of_id.setdefault(image_id, index)
@@ -161,11 +188,9 @@ def encode_images(
             good = [(i, pixels) for i, pixels, error in batch if error is None]
             for i, _, error in batch:
                 if error is not None:
-                    if on_bad_image == "raise":
-                        raise ValueError(
-                            f"{description}: unreadable image {source.ids[i]!r}: {error}"
-                        )
-                    failures.append({"id": source.ids[i], "error": error})
+                    failure = {"id": source.ids[i], "error": error}
+                    refuse_bad_images([failure], on_bad_image, description)
+                    failures.append(failure)
             if good:
                 encoded = encoder.encode_pixels(torch.stack([p for _, p in good]))
                 features.update({i: f for (i, _), f in zip(good, encoded, strict=True)})

@@ -61,6 +61,7 @@ from asif_exp.pipeline import (
     class_prompt_targets,
     embed_anchors,
     encoder_identities,
+    readable_prefixes,
 )
 from asif_exp.results import write_atomic, write_json_atomic
 
@@ -183,9 +184,8 @@ def load_workspace(cfg: DictConfig) -> Workspace:
         n = None if cfg.asif.n is None else single("asif.n", ns)
         embedded = embed_anchors(embedder, anchors)
         kept = embedded.kept
-        n = len(kept) if n is None else n
-        if n > len(kept):
-            raise ValueError(f"asif.n={n}: only {len(kept)} anchor pairs are available")
+        # n counts listed pairs (as in a run): the readable ones among the first n are used
+        n = len(kept) if n is None else readable_prefixes([n], kept)[n]
         model = AsifModel(
             embedded.images[:n],
             embedded.texts[:n],

@@ -16,8 +16,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from asif_exp.data import AnchorSet, Benchmark, load_anchors, load_benchmark, sha_of
-from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key
+from asif_exp.data import (
+    AnchorSet,
+    Benchmark,
+    DataError,
+    load_anchors,
+    load_benchmark,
+    readable_in_prefixes,
+    sha_of,
+)
+from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key, refuse_bad_images
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
 from asif_exp.methods.base import Method, MethodReport, load_method
 from asif_exp.options import anchor_prefixes
@@ -89,6 +97,7 @@ class Embedder:
             return {"embeddings": embeddings, "kept": torch.tensor(kept)}, {"failures": failures}
 
         tensors, extra, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        refuse_bad_images(extra["failures"], self.cfg.data.on_bad_image, description)
         self.keys.append(identity_key(identity))
         return tensors["embeddings"], tensors["kept"].tolist(), extra["failures"]
 
@@ -145,6 +154,7 @@ def embed_problem(
         targets=targets,
         truth=torch.tensor(benchmark.labels)[kept],
         cache_keys=tuple(embedder.keys),
+        anchor_positions=anchor.kept,
         info={
             "anchors": DataSummary(
                 anchors.name,
@@ -202,17 +212,25 @@ def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
 
     anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
     benchmark = load_benchmark(cfg.benchmark, cfg.paths.data_root)
-    method.check(anchor_prefixes(cfg.asif.n, len(anchors.captions)))  # before any encoding
+    listed_ns = anchor_prefixes(cfg.asif.n, len(anchors.captions))  # n = null: all listed
+    method.check(listed_ns)  # before any encoding
 
     embedder = Embedder(cfg)
     t = time.perf_counter()
     problem = embed_problem(cfg, embedder, anchors, benchmark)
     timings = {"embeddings_s": time.perf_counter() - t}
-    ns = anchor_prefixes(cfg.asif.n, len(problem.anchor_images))  # n = null: all readable
+    used = readable_prefixes(listed_ns, problem.anchor_positions)
+    ns = sorted(set(used.values()))
     method.check(ns)
 
     report = MethodReport()
-    cells = score_and_measure(method, task, problem, ns, report)
+    cells = listed_prefix_cells(score_and_measure(method, task, problem, ns, report), used)
+    skipped = report.notes.get("skipped_cells_k_gt_n")
+    if skipped is not None:
+        report.notes["skipped_cells_k_gt_n"] = [
+            [n, k] for n_used, k in skipped for n in sorted(used) if used[n] == n_used
+        ]
+    problem.info["anchors"].details["n_counts"] = N_COUNTS
     timings.update(report.timings)
     timings["total_s"] = time.perf_counter() - started
     return RunResults(
@@ -230,6 +248,31 @@ def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
         timings=timings,
         config=resolved,
     )
+
+
+N_COUNTS = "listed pairs, as anchors.limit does; a cell's n_used: the readable pairs among them"
+
+
+def readable_prefixes(listed_ns: list[int], positions: list[int] | None) -> dict[int, int]:
+    """asif.n counts listed pairs: the anchor rows of n are the readable pairs among the first
+    n listed, so a grid's n never depends on which downloads failed. {n: rows used}."""
+    rows = listed_ns if positions is None else readable_in_prefixes(listed_ns, positions)
+    used = dict(zip(listed_ns, rows, strict=True))
+    for n, rows in used.items():
+        if rows < 1:
+            raise DataError(f"asif.n={n}: none of the first {n} anchor pairs has a readable image")
+    return used
+
+
+def listed_prefix_cells(cells: list[CellResult], used: dict[int, int]) -> list[CellResult]:
+    """Cells labelled by the listed n asked for (several n may share the same readable rows),
+    with n_used, the anchor rows the method used."""
+    return [
+        CellResult({**cell.params, "n": n, "n_used": cell.params["n"]}, cell.metrics)
+        for cell in cells
+        for n in sorted(used)
+        if used[n] == cell.params["n"]
+    ]
 
 
 def score_and_measure(

@@ -39,4 +39,7 @@ class EmbeddedProblem:
     targets: Targets
     truth: Any  # the task's ground truth: class labels (images,), or caption -> image ids
     cache_keys: tuple[str, ...] = ()  # identities of every embedding used, in order
+    # Each anchor row's position among the listed pairs (failed downloads and unreadable images
+    # leave gaps): asif.n counts listed pairs. None: no gaps.
+    anchor_positions: list[int] | None = None
     info: dict = field(default_factory=dict)  # names, counts, skipped images (for results)

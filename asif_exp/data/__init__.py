@@ -14,15 +14,17 @@ from asif_exp.data.common import (
     Benchmark,
     DataError,
     ImageFiles,
+    MissingImage,
     Subset,
     apply_repeated_pairs_policy,
     authors_split_indices,
     balanced_subset,
+    readable_in_prefixes,
     sha_of,
 )
 from asif_exp.data.hf_torchvision import HFImages
 from asif_exp.data.registry import ANCHOR_LOADERS, BENCHMARK_LOADERS, load_anchors, load_benchmark
-from asif_exp.data.shards import MissingImage, ShardImages, scan_tar, shard_files
+from asif_exp.data.shards import ShardImages, scan_tar, shard_files
 from asif_exp.data.synthetic import SyntheticImages
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "balanced_subset",
     "load_anchors",
     "load_benchmark",
+    "readable_in_prefixes",
     "scan_tar",
     "shard_files",
     "sha_of",

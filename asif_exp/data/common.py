@@ -8,6 +8,7 @@ Every image source exposes `ids` (stable, unique, in order), `load(i) -> PIL.Ima
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
 from collections import defaultdict
@@ -25,6 +26,14 @@ def sha_of(items) -> str:
 
 class DataError(ValueError):
     """Missing or malformed data, with where it was looked for."""
+
+
+class MissingImage(RuntimeError):
+    """A listed pair without an image (failed download, no image in its shard).
+
+    Loading it raises this, so the encoder reports the pair as a skipped image (with this
+    message) instead of the pair silently disappearing.
+    """
 
 
 # ----------------------------------------------------------------------------- image sources
@@ -246,3 +255,13 @@ def apply_authors_split(images, labels: list[int], split: str, seed: int):
     else:
         images = Subset(images, indices)
     return images, [labels[i] for i in indices]
+
+
+def readable_in_prefixes(ns: list[int], kept: list[int]) -> list[int]:
+    """How many readable pairs each anchor prefix holds.
+
+    `asif.n` counts listed pairs, as `anchors.limit` does: n = 400 is the first 400 pairs of
+    the dataset, whatever failed to download among them, so a grid's n does not depend on
+    which downloads failed. `kept` lists the positions of the readable pairs, ascending.
+    """
+    return [bisect.bisect_left(kept, n) for n in ns]

@@ -13,17 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from asif_exp.data.common import AnchorSet, DataError, sha_of
+from asif_exp.data.common import AnchorSet, DataError, MissingImage, sha_of
 from asif_exp.data.hf_torchvision import HFImages
 from asif_exp.data.registry import anchor_loader
-
-
-class MissingImage(RuntimeError):
-    """A listed pair without an image (failed download, no image in its shard).
-
-    Loading it raises this, so the encoder reports the pair as a skipped image (with this
-    message) instead of the pair silently disappearing.
-    """
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -91,8 +83,8 @@ def scan_tar(path: Path, caption_extension: str | None, what: str) -> dict[str, 
                     except UnicodeDecodeError as error:
                         message = f"{what}: {path}, {member.name}: not UTF-8 ({error})"
                         raise DataError(message) from None
-    except tarfile.ReadError as error:
-        raise DataError(f"{what}: {path} is not an uncompressed tar ({error})") from None
+    except (tarfile.TarError, EOFError, OSError) as error:  # also a truncated tar
+        raise DataError(f"{what}: {path} is not a complete uncompressed tar ({error})") from None
     return samples
 
 
@@ -152,8 +144,10 @@ class ShardImages:
         if location[0] == "missing":
             raise MissingImage(location[1])
         data = self._bytes(location)
-        if not data:
-            raise MissingImage(f"{self.ids[index]}: empty image")
+        if data is None:
+            raise MissingImage(f"{self.ids[index]}: no image bytes")
+        if not data:  # listed as downloaded: damaged, not missing
+            raise ValueError(f"{self.ids[index]}: empty image")
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
 
@@ -163,20 +157,63 @@ def _image_extensions(cfg) -> list[str]:
     return [e.strip().lower() for e in str(cfg.image_column).split(";") if e.strip()]
 
 
+def _key_order(key: str) -> tuple:
+    """Sort key of a sample key: img2dataset's keys are the input row number, zero-padded."""
+    return (0, int(key), key) if key.isdigit() else (1, 0, key)
+
+
+def _dataset_order(keys: list[str], where: str, what: str) -> list[int]:
+    """Positions of `keys` sorted by key: img2dataset writes each sample when its download
+    finishes, so file order depends on download timing; the key is the input row."""
+    order = sorted(range(len(keys)), key=lambda i: _key_order(keys[i]))
+    for before, after in zip(order, order[1:], strict=False):
+        if keys[before] == keys[after]:
+            raise DataError(f"{what}: key {keys[before]!r} appears twice in {where}")
+    return order
+
+
+class _ShardSequence:
+    """Checks that each shard's keys follow the previous shard's, so that reading shards in
+    file order and each in key order is the dataset's order (img2dataset names shard files by
+    their block of input rows)."""
+
+    def __init__(self, what: str):
+        self.what, self.previous = what, None
+
+    def follow(self, shard: Path, keys: list[str]) -> None:
+        if not keys:
+            return
+        first, last = min(keys, key=_key_order), max(keys, key=_key_order)
+        if self.previous and _key_order(first) <= _key_order(self.previous[1]):
+            raise DataError(
+                f"{self.what}: keys of {shard.name} (from {first!r}) do not follow those of "
+                f"{self.previous[0].name} (up to {self.previous[1]!r}): the shard files are not "
+                "in dataset order (name them by their first input row, as img2dataset does)"
+            )
+        self.previous = (shard, last)
+
+
 @anchor_loader("webdataset")
 def webdataset_anchors(cfg, data_root: str) -> AnchorSet:
-    """Pairs from webdataset tars (img2dataset's output): `<key>.jpg` + `<key>.txt` members,
-    in shard order then member order. A key without an image is kept and reported as missing."""
+    """Pairs from webdataset tars (img2dataset's output): `<key>.jpg` + `<key>.txt` members, in
+    the dataset's order (shard files in order, each sorted by key). A failed download is not in
+    the tars, so it is not listed; a key without an image is kept and reported as missing."""
     what = f"anchors {cfg.name}"
     extensions, caption_extension = _image_extensions(cfg), str(cfg.caption_column).lower()
     files, ids, locations, captions = [], [], [], []
+    sequence = _ShardSequence(what)
     for shard in shard_files(cfg.path, data_root, ".tar", what):
         if cfg.limit is not None and len(ids) >= cfg.limit:
             break  # later shards are not read, nor part of the fingerprint
         files.append(shard)
-        for key, members in scan_tar(shard, caption_extension, what).items():
+        samples = scan_tar(shard, caption_extension, what)
+        keys = list(samples)
+        sequence.follow(shard, keys)
+        for position in _dataset_order(keys, shard.name, what):
             if cfg.limit is not None and len(ids) >= cfg.limit:
                 break
+            key = keys[position]
+            members = samples[key]
             if "__caption__" not in members:
                 raise DataError(
                     f"{what}: sample {key!r} in {shard} has no .{caption_extension} member"
@@ -192,23 +229,35 @@ def webdataset_anchors(cfg, data_root: str) -> AnchorSet:
     return AnchorSet(cfg.name, ShardImages("webdataset", files, ids, locations), captions)
 
 
+def _open_parquet(path: Path, what: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... without the file name
+        raise DataError(
+            f"{what}: {path} is not a readable parquet file (truncated or still being written? "
+            f"img2dataset redoes a shard without its _stats.json): {error}"
+        ) from None
+
+
 @anchor_loader("parquet")
 def parquet_anchors(cfg, data_root: str) -> AnchorSet:
-    """Pairs listed in img2dataset parquet files, in file then row order.
+    """Pairs listed in img2dataset parquet files, in the dataset's order (files in order, each
+    sorted by key). Every input row is listed, with its download status.
 
     Images come from the parquet's own image column when it has one (img2dataset
     output_format=parquet), else from the .tar of the same name (output_format=webdataset)
     by key. Rows whose status is not "success" (failed downloads) are kept and reported.
     """
-    import pyarrow.parquet as pq
-
     what = f"anchors {cfg.name}"
     extensions = _image_extensions(cfg)
     files, ids, locations, captions = [], [], [], []
+    sequence = _ShardSequence(what)
     for parquet_path in shard_files(cfg.path, data_root, ".parquet", what):
         if cfg.limit is not None and len(ids) >= cfg.limit:
             break
-        parquet = pq.ParquetFile(parquet_path)
+        parquet = _open_parquet(parquet_path, what)
         names = parquet.schema_arrow.names
         image_column = next((e for e in extensions if e in names), None)
         status_column = cfg.status_column if cfg.status_column in names else None
@@ -216,7 +265,10 @@ def parquet_anchors(cfg, data_root: str) -> AnchorSet:
         absent = [c for c in wanted[:2] if c not in names]
         if absent:
             raise DataError(f"{what}: {parquet_path} has no column {absent}; columns: {names}")
-        table = parquet.read(columns=[c for c in wanted if c and c in names]).to_pydict()
+        try:
+            table = parquet.read(columns=[c for c in wanted if c and c in names]).to_pydict()
+        except Exception as error:
+            raise DataError(f"{what}: {parquet_path} could not be read: {error}") from None
         files.append(parquet_path)
         parquet_index, members, tar_index = len(files) - 1, {}, None
         tar_name = parquet_path.with_suffix(".tar").name
@@ -226,20 +278,24 @@ def parquet_anchors(cfg, data_root: str) -> AnchorSet:
                 members = scan_tar(tar_path, None, what)
                 files.append(tar_path)
                 tar_index = len(files) - 1
-        row_groups = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-        group, row_in_group = 0, 0
-        for row in range(len(table[cfg.key_column])):
-            while row_in_group >= row_groups[group]:
-                group, row_in_group = group + 1, 0
+        # (row group, row within it) of every row, to read an embedded image by location
+        cells = [
+            (group, row)
+            for group in range(parquet.num_row_groups)
+            for row in range(parquet.metadata.row_group(group).num_rows)
+        ]
+        keys = [str(key) for key in table[cfg.key_column]]
+        sequence.follow(parquet_path, keys)
+        for row in _dataset_order(keys, parquet_path.name, what):
             if cfg.limit is not None and len(ids) >= cfg.limit:
                 break
-            key = str(table[cfg.key_column][row])
+            key = keys[row]
             status = table[status_column][row] if status_column else "success"
             if status != "success":
                 error = (table.get("error_message") or [None] * (row + 1))[row]
                 location = ("missing", f"{status}: {error}" if error else str(status))
             elif image_column is not None:
-                location = ("parquet", parquet_index, group, row_in_group, image_column)
+                location = ("parquet", parquet_index, *cells[row], image_column)
             else:
                 extension = next((e for e in extensions if e in members.get(key, {})), None)
                 location = (
@@ -250,7 +306,6 @@ def parquet_anchors(cfg, data_root: str) -> AnchorSet:
             ids.append(f"{parquet_path.name}/{key}")
             captions.append(table[cfg.caption_column][row])
             locations.append(location)
-            row_in_group += 1
     return AnchorSet(cfg.name, ShardImages("parquet", files, ids, locations), captions)
 
 
@@ -275,7 +330,12 @@ class _HFFileImages(HFImages):
 @anchor_loader("hf_files")
 def hf_files_anchors(cfg, data_root: str) -> AnchorSet:
     """`datasets.load_dataset(path, data_files=...)` with a packaged builder ("parquet",
-    "webdataset"): HF's own readers, at the cost of an Arrow copy in its cache."""
+    "webdataset"): HF's own readers, at the cost of an Arrow copy in its cache.
+
+    Rows are put in the dataset's order by their key (`key_column`, or webdataset's
+    `__key__`) when there is one; the image column is the first of `image_column`'s
+    `;`-separated names present (`jpg;jpeg;png;webp` finds webdataset's `jpg`).
+    """
     import datasets
 
     what = f"anchors {cfg.name}"
@@ -286,12 +346,28 @@ def hf_files_anchors(cfg, data_root: str) -> AnchorSet:
     for pattern in patterns:
         resolved = Path(str(pattern).replace("{data_root}", data_root)).expanduser()
         data_files.extend(shard_files(str(resolved), data_root, "", what))
+    if cfg.path == "parquet":
+        for file in data_files:  # a truncated file is then named, not a bare pyarrow error
+            _open_parquet(file, what)
     files = [str(f) for f in data_files]
-    dataset = datasets.load_dataset(cfg.path, data_files=files, split=cfg.split)
+    try:
+        dataset = datasets.load_dataset(cfg.path, data_files=files, split=cfg.split)
+    except Exception as error:
+        raise DataError(
+            f"{what}: datasets.load_dataset({cfg.path!r}) could not read {len(files)} files "
+            f"({', '.join(f.name for f in data_files[:3])}...): {type(error).__name__}: {error}"
+        ) from None
+    columns = dataset.column_names
+    key_column = next((c for c in (cfg.key_column, "__key__") if c in columns), None)
+    if key_column is not None:
+        keys = [str(key) for key in dataset[key_column]]
+        dataset = dataset.select(_dataset_order(keys, f"{len(files)} files", what))
     if cfg.limit is not None:
         dataset = dataset.select(range(min(cfg.limit, len(dataset))))
-    if cfg.caption_column not in dataset.column_names:
-        columns = dataset.column_names
+    if cfg.caption_column not in columns:
         raise DataError(f"{what}: no column {cfg.caption_column!r}; columns: {columns}")
-    images = _HFFileImages(dataset, cfg.image_column, f"{cfg.path}:{[f.name for f in data_files]}")
+    image_column = next((c for c in _image_extensions(cfg) if c in columns), None)
+    if image_column is None:
+        raise DataError(f"{what}: no image column among {cfg.image_column!r}; columns: {columns}")
+    images = _HFFileImages(dataset, image_column, f"{cfg.path}:{[f.name for f in data_files]}")
     return AnchorSet(cfg.name, images, [str(c) for c in dataset[cfg.caption_column]])

@@ -83,10 +83,11 @@ class BenchmarkConfig:
     label_column: str = "label"
     hf_config: str | None = None
     torchvision_class: str | None = None  # torchvision: dataset class, e.g. CIFAR100
-    # class_index_folder: how a class folder's name gives its label: "sorted" (the i-th folder
-    # in sorted order is class i: ImageNet's wnid folders) or "int" (the name is the index:
-    # ImageNet-v2's 0..999)
-    folder_labels: str = "sorted"
+    # class_index_folder: how a class folder's name gives its label: "ids" (the name is the
+    # class's id in the built-in prompts/class_ids/<class_names>.txt: ImageNet's wnids, any
+    # subset of classes), "int" (the name is the index: ImageNet-v2's 0..999) or "sorted" (the
+    # i-th folder in sorted order is class i: needs every class's folder)
+    folder_labels: str = "ids"
     # The ASIF authors' split: a seeded permutation whose first half is "val" (to tune k and p)
     # and second half "test". null: every image.
     authors_split: str | None = None

@@ -150,7 +150,7 @@ def test_empty_class_list_is_an_error(tmp_path):
         )
 
 
-def testbalanced_subset_is_balanced_and_seeded():
+def test_balanced_subset_is_balanced_and_seeded():
     labels = [i % 4 for i in range(400)]
     subset = balanced_subset(labels, 40, seed=3)
     assert subset == sorted(subset) and len(set(subset)) == 40
@@ -218,7 +218,7 @@ def test_splits_select_records_in_file_order(tmp_path):
     assert anchors.captions == ["a dog", "a dog", "a cat"]  # file order, test left out
     with pytest.raises(DataError, match=r"anchors.splits \['val'\] not found.*'dev', 'test'"):
         load_anchors(OmegaConf.merge(cfg, {"splits": ["val"]}), str(tmp_path))
-    with pytest.raises(DataError, match=r"record 1: no 'fold' field"):
+    with pytest.raises(DataError, match=r"line 1: no 'fold' field"):
         load_anchors(OmegaConf.merge(cfg, {"split_column": "fold"}), str(tmp_path))
 
 
@@ -266,3 +266,96 @@ def test_flickr8k_anchors_are_train_and_dev_in_file_order():
     rows = [json.loads(line) for line in (SHARED_DATA / "flickr8k" / "captions.jsonl").open()]
     expected = [r["caption"] for r in rows if r["split"] in ("train", "dev")]
     assert anchors.captions == expected
+
+
+# ----------------------------------------------------------------------------- bad input (#13)
+
+
+def test_image_folder_ignores_hidden_folders_and_files(tmp_path):
+    write_images(tmp_path / "bench" / "cat", ["1.png", "._1.png"])  # macOS resource fork
+    write_images(tmp_path / "bench" / "dog", ["1.png"])
+    write_images(tmp_path / "bench" / ".ipynb_checkpoints", ["1-checkpoint.png"])
+    bench = load_benchmark(cfg_of("benchmark", "image_folder", root="bench"), str(tmp_path))
+    assert bench.class_names == ["cat", "dog"]
+    assert bench.images.ids == ["cat/1.png", "dog/1.png"]
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    write_images(tmp_path / "bench" / "cat", ["1.png"])
+    (tmp_path / "bench" / "dog").mkdir()
+    (tmp_path / "bench" / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folder .*bench/dog holds no images"):
+        load_benchmark(cfg_of("benchmark", "image_folder", root="bench"), str(tmp_path))
+
+
+def load_pairs(tmp_path, name: str, content: bytes):
+    write_images(tmp_path, ["a.png", "b.png", "c.png"])
+    (tmp_path / name).write_bytes(content)
+    loader = name.rpartition(".")[2]
+    return load_anchors(
+        cfg_of("anchors", "pairs_file", path=str(tmp_path / name), loader=loader), str(tmp_path)
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # an unbalanced quote: the csv module reads on to the next quote, swallowing rows
+        (
+            b'image,caption\na.png,"a dog\nb.png,a cat\nc.png,a cow\n',
+            r"pairs.csv, line 2: the record runs on to line 4 \(an unbalanced quote",
+        ),
+        # a caption with a line break inside quotes
+        (
+            b'image,caption\na.png,a dog\nb.png,"a cat\non a mat"\nc.png,a cow\n',
+            r"pairs.csv, line 3: the record runs on to line 4",
+        ),
+        (b"image,caption\na.png,a dog\nb.png,a cat,extra\n", r"line 3: 3 fields, the header has 2"),
+    ],
+)
+def test_csv_records_that_span_lines_or_misalign_name_the_line(tmp_path, content, message):
+    with pytest.raises(DataError, match=message):
+        load_pairs(tmp_path, "pairs.csv", content)
+
+
+def test_csv_blank_lines_and_quoted_commas_are_fine(tmp_path):
+    content = b'image,caption\na.png,"a dog, brown"\n\nb.png,a cat\n'
+    assert load_pairs(tmp_path, "pairs.csv", content).captions == ["a dog, brown", "a cat"]
+
+
+@pytest.mark.parametrize("name", ["pairs.csv", "pairs.jsonl"])
+def test_a_utf8_byte_order_mark_is_read(tmp_path, name):
+    body = (
+        "image,caption\na.png,a dog\n"
+        if name.endswith("csv")
+        else '{"image": "a.png", "caption": "a dog"}\n'
+    )
+    anchors = load_pairs(tmp_path, name, "\ufeff".encode() + body.encode())
+    assert anchors.captions == ["a dog"] and anchors.images.ids == ["a.png"]
+
+
+@pytest.mark.parametrize(
+    ("line", "found"), [(b'["a.png", "a dog"]', "list"), (b'"a.png"', "str"), (b"7", "int")]
+)
+def test_a_json_line_that_is_not_an_object_names_the_line(tmp_path, line, found):
+    content = b'{"image": "a.png", "caption": "a dog"}\n\n' + line + b"\n"
+    with pytest.raises(
+        DataError, match=rf"pairs.jsonl, line 3: expected a JSON object, found {found}"
+    ):
+        load_pairs(tmp_path, "pairs.jsonl", content)
+
+
+def test_every_malformed_record_is_named_by_file_and_line(tmp_path):
+    cases = [
+        (b'{"image": "a.png", "caption": "x"}\n{"image": "b.png"}\n', "line 2: no 'caption'"),
+        (
+            b'{"image": "a.png", "caption": "x"}\n\n{"image": "z.png", "caption": "y"}\n',
+            "line 3: image file not found",
+        ),
+        (b'{"image": "a.png", "caption": ""}\n', "line 1: caption of pair 0"),
+    ]
+    for content, message in cases:
+        with pytest.raises(DataError, match=rf"pairs.jsonl, {message}"):
+            load_pairs(tmp_path, "pairs.jsonl", content)
+    with pytest.raises(DataError, match=r"pairs.csv, line 2: no 'caption' field"):
+        load_pairs(tmp_path, "pairs.csv", b"image,text\na.png,x\n")

@@ -57,9 +57,16 @@ def test_imagenet_wnid_folders_and_imagenet_v2_index_folders(tmp_path, monkeypat
     bench = load_benchmark(cfg.benchmark, cfg.paths.data_root)
     assert bench.labels == [0, 0, 1, 1, 2, 2]  # numeric, not lexicographic, order
 
-    (tmp_path / "in" / "val" / "n01484850").rename(tmp_path / "stray")
+    (tmp_path / "in" / "val" / "n01440764").rename(tmp_path / "stray")
     cfg = _compose("benchmark=imagenet", f"paths.data_root={tmp_path}", "benchmark.root=in/val")
+    bench = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    assert bench.labels == [1, 1, 2, 2]  # a subset keeps each wnid's own label
+    cfg.benchmark.folder_labels = "sorted"
     with pytest.raises(DataError, match="one folder per class"):
+        load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    (tmp_path / "in" / "val" / "n99999999").mkdir()
+    cfg.benchmark.folder_labels = "ids"
+    with pytest.raises(DataError, match=r"\['n99999999'\] .* are not class ids of imagenet1k"):
         load_benchmark(cfg.benchmark, cfg.paths.data_root)
 
 
@@ -155,3 +162,41 @@ def test_launcher_configs_compose(launcher, plugin, target):
         cfg = compose("extract", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     assert cfg.hydra.job.name == "extract"
+
+
+def test_twenty_imagenet_wnid_folders_evaluate_against_all_1000_classes(tmp_path):
+    """Real ImageNet images in 20 of the 1,000 wnid folders: each keeps its standard label
+    (labels.csv of imagenet_mini, not our code, is the truth) and the run scores all 1,000."""
+    import csv
+    import shutil
+
+    from conftest import SHARED_DATA, require_shared_data
+    from test_robustness import config
+
+    from asif_exp.run import run
+
+    require_shared_data("imagenet_mini", "labels.csv")
+    with (SHARED_DATA / "imagenet_mini" / "labels.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["source"] != "one_per_class_sample"]
+    by_wnid: dict[str, list[dict]] = {}
+    for row in rows:
+        by_wnid.setdefault(row["wnid"], []).append(row)
+    wnids = sorted(by_wnid)[::36][:20]  # spread over the class order, not its first 20
+    truth = {}
+    for wnid in wnids:
+        (tmp_path / "data" / "val" / wnid).mkdir(parents=True)
+        for row in by_wnid[wnid]:
+            name = Path(row["file"]).name
+            shutil.copy(
+                SHARED_DATA / "imagenet_mini" / row["file"], tmp_path / "data" / "val" / wnid
+            )
+            truth[f"{wnid}/{name}"] = int(row["label"])
+    cfg = config(tmp_path, "benchmark=imagenet", "benchmark.root=val")
+    bench = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    assert len(bench.class_names) == 1000 and len({*bench.labels}) == 20
+    assert dict(zip(bench.images.ids, bench.labels, strict=True)) == truth
+    assert max(truth.values()) > 900  # labels are not the folders' positions among the 20
+    results = run(cfg)
+    assert len(results["benchmark"]["class_names"]) == 1000
+    assert len(results["per_class_accuracy"]) == 1000
+    assert results["benchmark"]["images_used"] == len(truth)

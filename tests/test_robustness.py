@@ -181,10 +181,10 @@ def test_unreadable_benchmark_image_is_reported_and_cannot_be_explained(tmp_path
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b'{"image": "0.png", "caption": ""}\n', r"pairs.jsonl, record 1: caption .* is empty"),
-        (b'{"image": "0.png", "caption": "   "}\n', r"pairs.jsonl, record 1: caption .* is empty"),
-        (b'{"image": "0.png", "caption": null}\n', r"pairs.jsonl, record 1: .*not text: None"),
-        (b'{"image": "0.png", "caption": "ok"}\n{"image": "1.png", "caption": 7}\n', "record 2"),
+        (b'{"image": "0.png", "caption": ""}\n', r"pairs.jsonl, line 1: caption .* is empty"),
+        (b'{"image": "0.png", "caption": "   "}\n', r"pairs.jsonl, line 1: caption .* is empty"),
+        (b'{"image": "0.png", "caption": null}\n', r"pairs.jsonl, line 1: .*not text: None"),
+        (b'{"image": "0.png", "caption": "ok"}\n{"image": "1.png", "caption": 7}\n', "line 2"),
         (b'{"image": "0.png", "caption": "caf\xe9"}\n', r"pairs.jsonl: not valid UTF-8"),
     ],
 )
@@ -199,8 +199,8 @@ def test_bad_captions_name_the_file_and_record(tmp_path, content, message):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"image,caption\n0.png,a dot\n1.png,\n", r"pairs.csv, record 2: caption of pair 1"),
-        (b"image,caption\n0.png\n", r"pairs.csv, record 1: .*not text: None"),  # short row
+        (b"image,caption\n0.png,a dot\n1.png,\n", r"pairs.csv, line 3: caption of pair 1"),
+        (b"image,caption\n0.png\n", r"pairs.csv, line 2: 1 fields, the header has 2"),
         (b"image,caption\n0.png,\xff\xfe\n", r"pairs.csv: not valid UTF-8"),
     ],
 )

@@ -10,48 +10,97 @@ from asif_exp.data.common import AnchorSet, DataError, ImageFiles, resolve_path
 from asif_exp.data.registry import anchor_loader
 
 
-def _read_pairs_file(path: Path, cfg) -> list[dict]:
-    rows = []
-    try:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as error:
-                            raise DataError(f"{path}, line {line_number}: {error}") from None
+def _jsonl_records(path: Path, handle) -> list[tuple[int, dict]]:
+    records = []
+    for line_number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {line_number}: {error}") from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}, line {line_number}: expected a JSON object, found "
+                f"{type(record).__name__} {line.strip()[:60]}"
+            )
+        records.append((line_number, record))
+    return records
+
+
+def _csv_records(path: Path, handle) -> list[tuple[int, dict]]:
+    """Records of a CSV with a header, one a line: a record spanning lines (an unbalanced quote
+    swallows the rows after it; or a caption with a line break) is an error naming its line."""
+    reader = csv.reader(handle, strict=True)
+    records, header, last_line = [], None, 0
+
+    def spanning(first_line: int, detail: str = "") -> DataError:
+        return DataError(
+            f"{path}, line {first_line}: the record runs on to line {reader.line_num} (an "
+            f"unbalanced quote, or a line break inside a field){detail}; one record a line"
+        )
+
+    while True:
+        first_line = last_line + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as error:
+            if reader.line_num > first_line:
+                raise spanning(first_line, f": {error}") from None
+            raise DataError(f"{path}, line {first_line}: {error}") from None
+        if reader.line_num != first_line:
+            raise spanning(first_line)
+        last_line = reader.line_num
+        if not row:
+            continue
+        if header is None:
+            header = row
+        elif len(row) != len(header):
+            raise DataError(
+                f"{path}, line {first_line}: {len(row)} fields, the header has {len(header)}"
+            )
         else:
-            with path.open(encoding="utf-8", newline="") as handle:
-                rows = list(csv.DictReader(handle))
+            records.append((first_line, dict(zip(header, row, strict=True))))
+
+
+def _read_pairs_file(path: Path, cfg) -> list[tuple[int, dict]]:
+    """(line number, record) of every pair; a UTF-8 byte-order mark is allowed."""
+    read = _jsonl_records if path.suffix == ".jsonl" else _csv_records
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            records = read(path, handle)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not valid UTF-8 ({error})") from None
-    for i, row in enumerate(rows):
+    for i, (line, row) in enumerate(records):
         for column in (cfg.image_column, cfg.caption_column):
             if column not in row:
-                raise DataError(f"{path}, record {i + 1}: no {column!r} field")
+                raise DataError(f"{path}, line {line}: no {column!r} field; fields: {list(row)}")
         caption = row[cfg.caption_column]
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(
-                f"{path}, record {i + 1}: caption of pair {i} ({row[cfg.image_column]}) is empty "
+                f"{path}, line {line}: caption of pair {i} ({row[cfg.image_column]}) is empty "
                 f"or not text: {caption!r}"
             )
-    return rows
+    return records
 
 
-def _select_splits(rows: list[dict], splits: list[str], column: str, path: Path) -> list[dict]:
-    """The rows whose `column` is one of `splits`, in file order."""
+def _select_splits(
+    records: list[tuple[int, dict]], splits: list[str], column: str, path: Path
+) -> list[tuple[int, dict]]:
+    """The records whose `column` is one of `splits`, in file order."""
     found = set()
-    for i, row in enumerate(rows):
+    for line, row in records:
         if column not in row:
             raise DataError(
-                f"{path}, record {i + 1}: no {column!r} field (anchors.splits={splits} needs it)"
+                f"{path}, line {line}: no {column!r} field (anchors.splits={splits} needs it)"
             )
         found.add(row[column])
     unknown = sorted(set(splits) - found)
     if unknown:
         raise DataError(f"{path}: anchors.splits {unknown} not found; the file has {sorted(found)}")
-    return [row for row in rows if row[column] in splits]
+    return [(line, row) for line, row in records if row[column] in splits]
 
 
 @anchor_loader("jsonl", "csv")
@@ -67,5 +116,9 @@ def pairs_file_anchors(cfg, data_root: str) -> AnchorSet:
         if cfg.image_root
         else path.parent
     )
-    images = ImageFiles(image_root, [str(r[cfg.image_column]) for r in rows])
-    return AnchorSet(cfg.name, images, [str(r[cfg.caption_column]) for r in rows])
+    for line, row in rows:
+        if not (image_root / str(row[cfg.image_column])).is_file():
+            image = image_root / str(row[cfg.image_column])
+            raise DataError(f"{path}, line {line}: image file not found: {image}")
+    images = ImageFiles(image_root, [str(r[cfg.image_column]) for _, r in rows])
+    return AnchorSet(cfg.name, images, [str(r[cfg.caption_column]) for _, r in rows])

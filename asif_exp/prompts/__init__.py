@@ -6,6 +6,9 @@ Data files live next to this module and ship as package data:
   standard label order (line ``i`` is the name of label ``i``).
 * ``templates/<name>.txt``: one prompt template per line, each with exactly
   one ``{}`` placeholder for the class name (``template.format(name)``).
+* ``class_ids/<name>.txt``: the dataset's own id of each class of
+  ``classnames/<name>.txt``, line for line (ImageNet: the wnid of label ``i``,
+  the standard ILSVRC2012 order, i.e. the sorted wnids).
 
 Sources: class names and templates follow OpenAI CLIP's ``data/prompts.md``
 and ``notebooks/Prompt_Engineering_for_ImageNet.ipynb`` (CIFAR-10/100, the 80
@@ -26,12 +29,14 @@ if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; only needed for annotatio
 __all__ = [
     "available_class_names",
     "available_templates",
+    "load_class_ids",
     "load_class_names",
     "load_templates",
 ]
 
 _CLASSNAMES = "classnames"
 _TEMPLATES = "templates"
+_CLASS_IDS = "class_ids"
 _SUFFIX = ".txt"
 
 
@@ -53,7 +58,9 @@ def _read(kind: str, name: str) -> tuple[str, str]:
     """Text of ``<kind>/<name>.txt`` and a label for error messages."""
     available = _available(kind)
     if name not in available:
-        what = "class-name list" if kind == _CLASSNAMES else "template set"
+        what = {_CLASSNAMES: "class-name list", _CLASS_IDS: "class-id list"}.get(
+            kind, "template set"
+        )
         raise ValueError(f"unknown {what} {name!r}; available: {', '.join(available) or '(none)'}")
     source = f"{kind}/{name}{_SUFFIX}"
     text = _resource_dir(kind).joinpath(name + _SUFFIX).read_text(encoding="utf-8")
@@ -119,3 +126,14 @@ def load_templates(name: str) -> list[str]:
     """
     text, source = _read(_TEMPLATES, name)
     return _parse_templates(text, source)
+
+
+def load_class_ids(name: str) -> list[str]:
+    """The dataset's ids of the classes of the built-in list `name` (ImageNet's wnids), in
+    label order: line ``i`` is the id of label ``i``."""
+    text, source = _read(_CLASS_IDS, name)
+    ids = _parse_class_names(text, source)
+    names = load_class_names(name)
+    if len(ids) != len(names) or len(set(ids)) != len(ids):
+        raise ValueError(f"{source}: {len(set(ids))} distinct ids for {len(names)} classes")
+    return ids

@@ -359,3 +359,10 @@ def test_every_malformed_record_is_named_by_file_and_line(tmp_path):
             load_pairs(tmp_path, "pairs.jsonl", content)
     with pytest.raises(DataError, match=r"pairs.csv, line 2: no 'caption' field"):
         load_pairs(tmp_path, "pairs.csv", b"image,text\na.png,x\n")
+
+
+def test_an_unknown_loader_kind_lists_the_known_ones(tmp_path):
+    with pytest.raises(DataError, match=r"anchors.loader='tsv': unknown loader; known: csv, hf, "):
+        load_anchors(cfg_of("anchors", "pairs_file", loader="tsv"), str(tmp_path))
+    with pytest.raises(DataError, match=r"benchmark.loader='folder': .*image_folder, labels_csv"):
+        load_benchmark(cfg_of("benchmark", "image_folder", loader="folder"), str(tmp_path))

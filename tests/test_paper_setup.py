@@ -173,7 +173,7 @@ def test_twenty_imagenet_wnid_folders_evaluate_against_all_1000_classes(tmp_path
     from conftest import SHARED_DATA, require_shared_data
     from test_robustness import config
 
-    from asif_exp.run import run
+    from asif_exp.pipeline import run
 
     require_shared_data("imagenet_mini", "labels.csv")
     with (SHARED_DATA / "imagenet_mini" / "labels.csv").open() as handle:

@@ -143,6 +143,13 @@ def merge_chunks(
         else:
             parts.append(entry)
     if missing:
+        chunk_size = int(cfg.extract.chunk_size)
+        other_sizes = sorted(_encoded_chunk_sizes(cache, cfg, anchors) - {chunk_size})
+        if len(missing) == len(chunks) and other_sizes:
+            raise RuntimeError(
+                f"merge: extract.chunk_size={chunk_size}, but the encode jobs used "
+                f"extract.chunk_size={other_sizes[0]}; merge with that value"
+            )
         raise RuntimeError(
             f"merge: {len(missing)} of {len(chunks)} chunks are not encoded yet "
             f"(pairs {missing[:3]}...); run the encode jobs (they resume) and merge again"
@@ -221,6 +228,29 @@ def run_extract(cfg: DictConfig) -> dict:
         report["merged"],
     )
     return report
+
+
+def _encoded_chunk_sizes(cache: EmbeddingCache, cfg, anchors: AnchorSet) -> set[int]:
+    """Chunk sizes of this anchor set's encoded chunks (read on the error path only)."""
+    def as_stored(value):  # as meta.json has it (tuples become lists)
+        return json.loads(json.dumps(value, default=str))
+
+    image = as_stored(anchor_image_identity(cfg, anchors))
+    text_encoder = as_stored(text_identity(cfg.encoder.text))
+    sizes = set()
+    for meta_file in cache.root.glob("*/meta.json"):
+        try:
+            identity = json.loads(meta_file.read_text())["identity"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (
+            identity.get("kind") == "anchor_chunk"
+            and identity.get("image") == image
+            and identity.get("text_encoder") == text_encoder
+            and identity["stop"] < len(anchors.captions)  # the last chunk may be shorter
+        ):
+            sizes.add(identity["stop"] - identity["start"])
+    return sizes
 
 
 def _all_cached(cache: EmbeddingCache, cfg, anchors: AnchorSet, chunks: list) -> bool:

@@ -264,6 +264,10 @@ def test_merge_before_every_chunk_is_encoded_fails_clearly(tmp_path):
     cfg.extract.stage = "merge"
     with pytest.raises(RuntimeError, match="2 of 3 chunks are not encoded"):
         run_extract(cfg)
+    # merging with another chunk size than the encode jobs': the message names the right one
+    cfg.extract.chunk_size = 5
+    with pytest.raises(RuntimeError, match="the encode jobs used extract.chunk_size=4; merge with"):
+        run_extract(cfg)
 
 
 @pytest.mark.slow  # three fresh Python processes importing torch: ~15 s on an idle 2-core CPU

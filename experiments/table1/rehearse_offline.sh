@@ -59,9 +59,10 @@ grep -q "00001_stats.json: missing" "$WORK/check.log" || fail "check: $(cat "$WO
 download resumed
 "$PYTHON" "$HELP" verify --source "$WORK/source" --shards "$SHARDS" --rows "$ROWS" | tee "$WORK/verify.txt"
 
-# Extraction: the recipe's fan-out with offline encoders and chunks of 10 pairs.
-EXTRACT=(anchors=cc12m "anchors.path=$SHARDS" "paths.data_root=$WORK/data" progress=false
-    device=cpu extract.chunk_size=10)
+# Extraction: the recipe's fan-out with the offline encoders at 64 px and chunks of 10 pairs.
+ANCHORS=(anchors=cc12m "anchors.path=$SHARDS" "paths.data_root=$WORK/data")
+SMALL=(encoder.vision.resize_size=64 encoder.vision.crop_size=64 progress=false device=cpu)
+EXTRACT=("${ANCHORS[@]}" "${SMALL[@]}" extract.chunk_size=10)
 fan_out() {  # $1: sweep folder name; the rest: extra overrides
     local sweep=$WORK/extract/$1
     shift
@@ -87,8 +88,8 @@ fan_out resumed "${JOBLIB[@]}" > "$WORK/extract/resumed.log" 2>&1 ||
 grep -q '"chunks_cached": 0,' "$WORK/fan_out.txt" && fail "the resumed fan-out found no chunk cached"
 merge joblib
 
-EVALUATE=(benchmark=synthetic_shapes benchmark.num_samples=200 'asif.k=[5,20]' 'asif.p=[1,8]'
-    progress=false device=cpu)
+EVALUATE=("${SMALL[@]}" benchmark=synthetic_shapes benchmark.num_samples=100 'asif.k=[5,20]'
+    'asif.p=[1,8]')
 evaluate() {  # $1: name; the rest: anchor overrides
     local name=$1
     shift
@@ -96,7 +97,7 @@ evaluate() {  # $1: name; the rest: anchor overrides
         > "$WORK/eval_$name.log" 2>&1 || { tail -n 30 "$WORK/eval_$name.log"; fail "evaluate $name"; }
 }
 step "evaluation on the extracted anchors (read from the cache, nothing encoded)"
-evaluate shards "${EXTRACT[@]:0:3}"
+evaluate shards "${ANCHORS[@]}"
 "$PYTHON" - "$WORK/eval/shards/results.json" <<'EOF' || fail "evaluation encoded anchors again"
 import json, sys
 results = json.load(open(sys.argv[1]))
@@ -117,7 +118,7 @@ if "$PYTHON" -c "import hydra_plugins.hydra_submitit_launcher" 2> /dev/null; the
         { tail -n 30 "$WORK/extract/submitit.log"; fail "submitit fan-out"; }
     "$PYTHON" "$HELP" fan-out "$WORK/extract/submitit"
     merge submitit "${SUBMITIT_CHUNKS[@]}"  # replaces the merged entries
-    evaluate submitit "${EXTRACT[@]:0:3}"
+    evaluate submitit "${ANCHORS[@]}"
     "$PYTHON" "$HELP" compare "$WORK/eval/shards/results.json" "$WORK/eval/submitit/results.json" ||
         fail "the submitit fan-out gave different numbers"
     SUBMITIT="identical"

@@ -20,6 +20,7 @@ in `<output_dir>/extract.json`, and carried into results.json as the anchors' sk
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -232,6 +233,7 @@ def run_extract(cfg: DictConfig) -> dict:
 
 def _encoded_chunk_sizes(cache: EmbeddingCache, cfg, anchors: AnchorSet) -> set[int]:
     """Chunk sizes of this anchor set's encoded chunks (read on the error path only)."""
+
     def as_stored(value):  # as meta.json has it (tuples become lists)
         return json.loads(json.dumps(value, default=str))
 

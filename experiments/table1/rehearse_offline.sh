@@ -18,6 +18,7 @@ STARTED=$SECONDS
 rm -rf "$WORK" && mkdir -p "$WORK/source/www" && WORK=$(cd "$WORK" && pwd)
 export ASIF_CACHE_DIR=$WORK/cache HYDRA_FULL_ERROR=1 WANDB_MODE=offline
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # job processes import this checkout's code
 DATA_ROOT=${ASIF_DATA_ROOT:-$PWD/../shared/data}
 HELP=experiments/table1/rehearsal.py
 RECIPE=experiments/table1/cc12m.py

@@ -108,3 +108,45 @@ def test_the_recipe_keeps_downloaded_jpegs_and_reads_parquet_input():
     value = dict(zip(flags[::2], flags[1::2], strict=True))
     assert value["--skip_reencode"] == "True" and value["--input_format"] == "parquet"
     assert value["--incremental_mode"] == "incremental"  # img2dataset's resume
+
+
+# ----------------------------------------------------------------------------- loaders, real shards
+
+
+def _anchors(tmp_path, *overrides: str):
+    from conftest import compose_config
+
+    from asif_exp.data import load_anchors
+
+    cfg = compose_config(["anchors=cc12m", f"anchors.path={FIXTURE}", *overrides])
+    return load_anchors(cfg.anchors, str(tmp_path))
+
+
+def test_parquet_loader_gives_the_dataset_order_with_failed_rows_in_place(tmp_path):
+    anchors = _anchors(tmp_path)
+    assert anchors.captions == [r["caption"] for r in EXPECTED]  # 8 listed rows, key order
+    failed = [i for i, r in enumerate(EXPECTED) if r["kind"] != "ok"]
+    assert [anchors.images.ids.index(i) for i, _ in anchors.images.missing] == failed
+    for index, row in enumerate(EXPECTED):
+        if row["kind"] == "ok":
+            assert anchors.images.load(index).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["anchors.loader=webdataset", "anchors.caption_column=txt"],
+        [
+            "anchors.loader=hf_files",
+            "anchors.path=webdataset",
+            f"anchors.data_files={FIXTURE}/*.tar",
+            "anchors.caption_column=txt",
+        ],
+    ],
+    ids=["webdataset", "hf_files"],
+)
+def test_tar_loaders_give_the_downloaded_pairs_in_dataset_order(tmp_path, monkeypatch, overrides):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    anchors = _anchors(tmp_path, *overrides)
+    assert anchors.captions == [r["caption"] for r in EXPECTED if r["kind"] == "ok"]
+    assert anchors.images.load(0).size == (32, 32)

@@ -20,7 +20,9 @@ SHARDS=${SHARDS:-32}
 
 # 2. Anchor embeddings for both image encoders: $SHARDS GPU jobs each, then one merge.
 for VISION in vit_b16_in21k dino_vits8; do
-    COMMON=(anchors=cc12m encoder/vision=$VISION encoder/text=sentence_t5_base extract.num_workers=8)
+    # Failed downloads (which CC12M always has) are skipped; corrupt bytes in a shard stop the job.
+    COMMON=(anchors=cc12m encoder/vision=$VISION encoder/text=sentence_t5_base extract.num_workers=8
+        data.on_bad_image=skip_failed_downloads)
     "$PYTHON" -m asif_exp.extract -m hydra/launcher=$LAUNCHER "${COMMON[@]}" extract.stage=encode \
         extract.num_shards=$SHARDS "extract.shard=range(0,$SHARDS)"
     "$PYTHON" -m asif_exp.extract "${COMMON[@]}" extract.stage=merge
@@ -32,6 +34,7 @@ done
 # 4. Evaluate (16 jobs: 2 encoders x 4 benchmarks x {clean, authors' options}), k = 800, p = 8.
 #    A fixed sweep folder and skip_existing: a rerun only runs the jobs without a results.json.
 "$PYTHON" -m asif_exp +sweep=table1_paper logger=wandb hydra/launcher=$LAUNCHER skip_existing=true \
+    data.on_bad_image=skip_failed_downloads \
     hydra.sweep.dir=outputs/sweeps/table1_paper/paper
 "$PYTHON" experiments/table1/build_table.py outputs/sweeps/table1_paper --k 800 --p 8 \
     --out experiments/table1/paper --title "Table 1 (CC12M, 1.6M pairs)"

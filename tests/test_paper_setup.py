@@ -132,23 +132,6 @@ def test_paper_anchors_and_sweeps_compose():
     )
 
 
-def test_vit_and_dino_preprocessing_match_timm():
-    import timm
-
-    for config, model in (
-        ("vit_b16_in21k", "vit_base_patch16_224.augreg_in21k"),
-        ("dino_vits8", "vit_small_patch8_224.dino"),
-        ("efficientnet_lite2", "tf_efficientnet_lite2"),
-    ):
-        vision = _compose(f"encoder/vision={config}").encoder.vision
-        pretrained = timm.models.get_pretrained_cfg(model)
-        assert vision.model_name == model
-        assert vision.crop_size == pretrained.input_size[-1]
-        assert vision.resize_size == int(vision.crop_size / pretrained.crop_pct)
-        assert vision.interpolation == pretrained.interpolation
-        assert tuple(vision.mean) == pretrained.mean and tuple(vision.std) == pretrained.std
-
-
 @pytest.mark.parametrize(
     "launcher, plugin, target",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,17 @@ from fake_results import fake_top1, write_results
 
 from asif_exp.reports import (
     PAPER_TABLE1,
+    TUNED_ON_VAL,
     build_table1,
     figure4,
     load_cells,
+    paper_table1,
     select_cells,
     write_table1,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-VIT = "vit_base_patch16_224.augreg_in21k"
+VIT, VIT_AUGREG = "vit_base_patch16_224_miil.in21k", "vit_base_patch16_224.augreg_in21k"
 
 
 def test_tuned_on_val_reported_on_test(tmp_path):
@@ -75,11 +78,14 @@ def test_table1_against_both_paper_versions(tmp_path):
     assert any(
         label.strip().startswith("Δ ours − paper, arXiv v1 (2022) (ASIF ViT") for label in labels
     )
-    # the DINO row is only shown where a DINO run is; CLIP and LiT are left empty, not guessed
+    # the DINO row is only shown where a DINO run is; CLIP and LiT rows always
     assert not any("DINO" in label for label in labels)
-    clip = table.wide.loc[[x for x in labels if x.startswith("CLIP")][0]]
-    assert set(clip) == {"—"}
-    assert any("not verified" in note for note in table.notes)
+    clip = table.wide.loc["CLIP (400M private pairs) — paper"]
+    assert list(clip) == ["68.6", "68.7", "88.9", "—"]
+    assert table.wide.loc["ASIF ViT-B/16 sup. (1.6M pairs) — paper, arXiv v1 (2022)"].iloc[0] == (
+        "55.4*"
+    )
+    assert TUNED_ON_VAL in table.notes
     paths = write_table1(table, tmp_path / "out" / "table1")
     markdown, latex, csv = (p.read_text() for p in paths)
     assert "| zero-shot top-1 (%) | ImageNet |" in markdown and "60.9" in markdown
@@ -88,11 +94,47 @@ def test_table1_against_both_paper_versions(tmp_path):
 
 
 def test_paper_numbers_as_published():
-    vit = [row for row in PAPER_TABLE1 if row.vision == VIT]
-    assert {r.version: tuple(r.top1.values()) for r in vit} == {
-        "arXiv v1 (2022)": (55.4, 63.3, 71.5, 45.6),
-        "NeurIPS 2023": (60.9, 50.2, 81.5, 52.2),
+    published = {
+        ("CLIP (400M private pairs)", ""): (68.6, 68.7, 88.9, None),
+        ("CLIP (15M public pairs)", ""): (31.3, None, None, None),
+        ("LiT (10M public pairs)", ""): (66.9, None, None, None),
+        ("CLIP (901M pairs, Zhai et al.)", ""): (50.6, 47.9, 70.3, 43.3),
+        ("LiT (901M pairs)", ""): (70.1, 70.9, 88.1, 61.7),
+        ("ASIF ViT-B/16 sup. (1.6M pairs)", "arXiv v1 (2022)"): (55.4, 63.3, 71.5, 45.6),
+        ("ASIF ViT-B/16 sup. (1.6M pairs)", "NeurIPS 2023"): (60.9, 50.2, 81.5, 52.2),
+        ("ASIF DINO ViT-S/8 unsup. (1.6M pairs)", ""): (53.0, 46.5, 74.7, 45.9),
     }
+    benchmarks = ("imagenet", "cifar100", "oxford_pets", "imagenet_v2")
+    assert {
+        (r.method, r.version): tuple(r.top1.get(b) for b in benchmarks) for r in PAPER_TABLE1
+    } == published
+    # the paper's asterisk: its first-version ASIF ImageNet figures were tuned on ImageNet val
+    assert {(r.method, r.version) for r in PAPER_TABLE1 if r.starred == ("imagenet",)} == {
+        ("ASIF ViT-B/16 sup. (1.6M pairs)", "arXiv v1 (2022)"),
+        ("ASIF DINO ViT-S/8 unsup. (1.6M pairs)", ""),
+    }
+
+
+def test_both_in21k_vits_are_compared_with_the_papers_row(tmp_path):
+    for vision in (VIT, VIT_AUGREG):
+        write_results(tmp_path, vision=vision, anchors="cc12m", benchmark="imagenet", classes=100)
+    table = build_table1(load_cells([tmp_path]), k=50, p=2.0)
+    assert table.long["paper_arxiv_v1__2022"].tolist() == [55.4, 55.4]
+    assert sum(label.lstrip().startswith("Δ") for label in table.wide.index) == 4
+    (note,) = [n for n in table.notes if "compared with the paper's" in n]
+    assert "(AugReg)" in note and note.endswith(VIT)
+
+
+def test_committed_paper_reference_is_the_builders_output(tmp_path):
+    """experiments/table1/paper_reference.* are rebuilt from PAPER_TABLE1, never edited by hand."""
+    title = "Table 1 of the paper (its numbers only)"
+    for path in write_table1(paper_table1(), tmp_path / "paper_reference", title):
+        committed = ROOT / "experiments" / "table1" / path.name
+        assert committed.read_text() == path.read_text(), f"rebuild {committed} (see README)"
+    assert (
+        "| LiT (901M pairs) — paper | 70.1 | 70.9 | 88.1 | 61.7 |"
+        in path.with_suffix(".md").read_text()
+    )
 
 
 def test_mini_table_has_no_paper_rows(tmp_path):
@@ -128,16 +170,22 @@ def test_missing_results_folder_is_an_error(tmp_path):
 def test_build_scripts(tmp_path):
     write_results(tmp_path / "res", split="val")
     write_results(tmp_path / "res", split="test")
+    results = str(tmp_path / "res")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's asif_exp
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / script), *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+
     for script, args in (
-        ("experiments/table1/build_table.py", ["--out", str(tmp_path / "t" / "table1")]),
-        ("experiments/fig4/build_figure.py", ["--out", str(tmp_path / "f")]),
+        ("experiments/table1/build_table.py", [results, "--out", str(tmp_path / "t" / "table1")]),
+        ("experiments/table1/build_table.py", ["--paper-only", "--out", str(tmp_path / "p")]),
+        ("experiments/fig4/build_figure.py", [results, "--out", str(tmp_path / "f")]),
     ):
-        done = subprocess.run(
-            [sys.executable, str(ROOT / script), str(tmp_path / "res"), *args],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-        )
+        done = run(script, *args)
         assert done.returncode == 0, done.stderr
     assert (tmp_path / "t" / "table1.md").exists() and (tmp_path / "t" / "table1.tex").exists()
+    assert "LiT (901M pairs)" in (tmp_path / "p.md").read_text()
     assert len(list((tmp_path / "f").glob("fig4_*.png"))) == 2  # val and test halves
+    done = run("experiments/table1/build_table.py", results, "--paper-only", "--out", "x")
+    assert done.returncode == 2 and "--paper-only without them" in done.stderr

@@ -4,13 +4,14 @@
         --out experiments/table1/mini
     python experiments/table1/build_table.py outputs/sweeps/table1_paper --k 800 --p 8 \
         --out experiments/table1/paper
+    python experiments/table1/build_table.py --paper-only --out experiments/table1/paper_reference
 """
 
 from __future__ import annotations
 
 import argparse
 
-from asif_exp.reports import build_table1, load_cells, markdown_table, write_table1
+from asif_exp.reports import build_table1, load_cells, markdown_table, paper_table1, write_table1
 
 
 def main() -> None:
@@ -18,7 +19,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "results", nargs="+", help="folders searched for results.json (recursively)"
+        "results", nargs="*", help="folders searched for results.json (recursively)"
+    )
+    parser.add_argument(
+        "--paper-only", action="store_true", help="the paper's own rows, no results of ours"
     )
     parser.add_argument("--out", required=True, help="output path without suffix, e.g. .../table1")
     parser.add_argument("--n", type=int, default=None, help="report this n (default: largest)")
@@ -28,7 +32,12 @@ def main() -> None:
     )
     parser.add_argument("--title", default="Table 1")
     args = parser.parse_args()
-    table = build_table1(load_cells(args.results), n=args.n, k=args.k, p=args.p)
+    if args.paper_only == bool(args.results):
+        parser.error("give results folders, or --paper-only without them")
+    if args.paper_only:
+        table = paper_table1()
+    else:
+        table = build_table1(load_cells(args.results), n=args.n, k=args.k, p=args.p)
     for path in write_table1(table, args.out, args.title):
         print(f"wrote {path}")
     print(markdown_table(table.wide))

@@ -19,7 +19,7 @@ SHARDS=${SHARDS:-32}
     --out "$ASIF_DATA_ROOT/cc12m" --shard-size 10000 --processes 16 --threads 64
 
 # 2. Anchor embeddings for both image encoders: $SHARDS GPU jobs each, then one merge.
-for VISION in vit_b16_in21k dino_vits8; do
+for VISION in vit_b16_in21k_miil dino_vits8; do
     # Failed downloads (which CC12M always has) are skipped; corrupt bytes in a shard stop the job.
     COMMON=(anchors=cc12m encoder/vision=$VISION encoder/text=sentence_t5_base extract.num_workers=8
         data.on_bad_image=skip_failed_downloads)

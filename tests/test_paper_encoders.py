@@ -38,9 +38,8 @@ def _token_ids(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("config, size", sorted(PAPER_VISION.items()))
 def test_paper_vision_encoder_builds_offline_with_its_size(config, size):
     cfg = compose_config([f"encoder/vision={config}"]).encoder.vision
-    model = build_architecture(cfg)
-    with torch.inference_mode():
-        features = model(torch.randn(1, 3, cfg.crop_size, cfg.crop_size))
+    with torch.device("meta"):  # shapes only: no memory, no weight init, no arithmetic
+        features = build_architecture(cfg)(torch.empty(1, 3, cfg.crop_size, cfg.crop_size))
     assert features.shape == (1, size)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from fake_results import fake_top1, write_results
 
 from asif_exp.reports import (
@@ -171,11 +171,12 @@ def test_build_scripts(tmp_path):
     write_results(tmp_path / "res", split="val")
     write_results(tmp_path / "res", split="test")
     results = str(tmp_path / "res")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's asif_exp
 
     def run(script: str, *args: str) -> subprocess.CompletedProcess:
         command = [sys.executable, str(ROOT / script), *args]
-        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+        return subprocess.run(
+            command, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env()
+        )
 
     for script, args in (
         ("experiments/table1/build_table.py", [results, "--out", str(tmp_path / "t" / "table1")]),

@@ -224,7 +224,8 @@ def _above_threshold(
     Once the running top-k is full, a later anchor (higher id) can only enter with a value
     strictly above the running k-th value, and after the first few thousand anchors that is a
     small fraction of the chunk: a compare and a `nonzero` are much cheaper than a `topk` over the
-    whole chunk. Returns None when the threshold is not selective (a topk is then cheaper).
+    whole chunk. Returns None when the threshold is not selective (the whole chunk is then a
+    candidate: a dense copy is cheaper than scattering most of it).
     """
     sample = sims[:, : min(sims.shape[1], 256)]
     if int((sample > threshold).sum()) * 8 > sample.numel():
@@ -282,6 +283,119 @@ def _resident(anchors: Tensor, device: torch.device, dtype: torch.dtype) -> bool
     return anchors.numel() * dtype.itemsize <= free // 2
 
 
+def _keep_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k set of each row (ties at the boundary to the lower id), in no particular order.
+
+    An unsorted `topk` is about 3x cheaper than a sorted one; only the rare rows where an entry
+    equal to the k-th value was left out are re-selected by `select_topk`.
+    """
+    if values.shape[1] <= k:
+        return values, ids
+    top_values, positions = values.topk(k, dim=1, sorted=False)
+    top_ids = ids.gather(1, positions)
+    kth = top_values.amin(dim=1, keepdim=True)
+    left_out = ((values == kth).sum(1) > (top_values == kth).sum(1)).nonzero().flatten()
+    if left_out.numel():
+        top_values[left_out], top_ids[left_out] = select_topk(values[left_out], ids[left_out], k)
+    return top_values, top_ids
+
+
+class _CandidatePool:
+    """Running top-k of a block of rows, and the candidates found since the last selection.
+
+    One buffer per row: the running top-k in columns [0, k), then the pool. Candidates are
+    appended at each row's own fill position (rows differ in how many pass the threshold), and
+    the top-k is re-selected, in place, only when the pool is full or a snapshot is due: a few
+    selections per pass instead of one per anchor tile.
+    """
+
+    def __init__(self, rows: int, k: int, capacity: int, pad_id: int, device: torch.device):
+        self.k, self.capacity, self.pad_id = k, capacity, pad_id
+        self.values = torch.full((rows, k + capacity), -torch.inf, device=device)
+        self.ids = torch.full((rows, k + capacity), pad_id, dtype=torch.long, device=device)
+        self.held = 0  # columns of the running top-k in use: min(k, anchors seen)
+        self.fill = torch.zeros(rows, dtype=torch.long, device=device)  # pool entries per row
+        self.used = 0  # fill.max()
+        self.kth: Tensor | None = None
+
+    def threshold(self) -> Tensor | None:
+        """What a later anchor must exceed to matter: the running k-th value, once k are held.
+
+        Stale between selections (the pool may hold better candidates): a lower bound, so the
+        filter is still exact.
+        """
+        if self.held < self.k:
+            return None
+        if self.kth is None:
+            self.kth = self.values[:, : self.k].amin(dim=1, keepdim=True)
+        return self.kth
+
+    def add(self, values: Tensor, ids: Tensor, dense: bool = False) -> None:
+        """Append candidates (rows x width): all real if `dense`, else padded with `pad_id`."""
+        width = values.shape[1]
+        if width == 0:
+            return
+        if self.used + width > self.capacity:
+            if width > self.capacity // 2:  # a wide tile: select from it directly
+                self.select(values, ids)
+                return
+            self.select()
+        pool = slice(self.k + self.used, self.k + self.used + width)
+        if dense:  # every row has `width` real candidates: a block copy
+            self.values[:, pool], self.ids[:, pool] = values, ids
+            self.used += width
+            self.fill.fill_(self.used)  # rows that had fewer keep a gap of padding
+        else:  # each row's candidates go after its own; padding lands on padding
+            place = self.k + self.fill[:, None] + torch.arange(width, device=values.device)
+            self.values.scatter_(1, place, values)
+            self.ids.scatter_(1, place, ids)
+            self.fill += (ids != self.pad_id).sum(1)
+            self.used = int(self.fill.max())
+        if self.held < self.k <= self.held + self.used:
+            self.select()  # a first threshold as early as possible
+
+    def select(self, values: Tensor | None = None, ids: Tensor | None = None) -> None:
+        """Keep the top-k of (running top-k + pool + the given candidates); empty the pool."""
+        if not self.used and values is None:
+            return
+        end = self.k + self.used
+        all_values, all_ids = self.values[:, :end], self.ids[:, :end]
+        if values is not None:
+            all_values, all_ids = torch.cat([all_values, values], 1), torch.cat([all_ids, ids], 1)
+        # Columns [held, k) are padding; every row holds the same number of real entries until
+        # k are held (candidates are then dense), so padding is never selected over a real one.
+        seen = self.held + (self.used if values is None else self.used + values.shape[1])
+        held = min(self.k, seen)
+        top_values, top_ids = _keep_topk(all_values, all_ids, held)
+        self.values[:, :held], self.ids[:, :held] = top_values, top_ids
+        self.values[:, self.k : end] = -torch.inf
+        self.ids[:, self.k : end] = self.pad_id
+        self.held, self.kth = held, None
+        self.fill.zero_()
+        self.used = 0
+
+    def snapshot(self) -> tuple[Tensor, Tensor]:
+        """The running top-k so far, sorted by (value desc, id asc)."""
+        self.select()
+        values, ids = self.values[:, : self.held], self.ids[:, : self.held]
+        values, ids = select_topk(values, ids, self.held)
+        self.values[:, : self.held], self.ids[:, : self.held] = values, ids
+        return values, ids
+
+
+def _tile_elements(device: torch.device, budget: int) -> int:
+    """Similarities computed at once. On a CPU a tile that stays in cache (the compare and the
+    `nonzero` then read it from cache, not memory) is faster than one large block; on a GPU
+    larger is better, up to the budget."""
+    return budget if device.type != "cpu" else min(budget, CPU_TILE_ELEMENTS)
+
+
+# About 16 MB of float32 similarities: in the last-level cache of the CPUs we use.
+CPU_TILE_ELEMENTS = 2**22
+# Candidates held per row between two selections, in units of k_max.
+POOL_WIDTH = 4
+
+
 def streaming_topk(
     queries: Tensor,
     anchors: Tensor,
@@ -294,21 +408,23 @@ def streaming_topk(
 ) -> dict[int, TopK]:
     """Running top-k_max of unit-norm `queries` against the first n `anchors`, for every n in `ns`.
 
-    Anchors are visited once in prefix order; at most `options.memory_budget_mb` of similarities
-    exist at a time. Returned tensors live on the CPU, or on the compute device if not `to_cpu`.
+    Anchors are visited once in prefix order, one tile (rows x anchors) of similarities at a time.
+    Once k_max are held, only entries above the running k-th value are kept as candidates (a
+    later anchor, with a higher id, must beat it strictly); the top-k is re-selected only when
+    the candidate pool is full or at a snapshot n. Memory does not grow with n: a tile, the pool
+    and the snapshots. Returned tensors live on the CPU, or on the compute device if not `to_cpu`.
     """
     device = options.resolved_device()
     dtype = options.resolved_dtype(device)
     ns = sorted(set(ns))
     n_max = ns[-1]
     rows = queries.shape[0]
-    budget = options.budget_elements
-    # Prefer all rows at once and long anchor chunks; split rows only when a useful chunk
-    # (a few times k_max) would not fit. A short first chunk gives an early threshold.
-    min_chunk = min(n_max, max(4 * k_max, 4096))
-    rows_per_block = max(1, min(rows, budget // min_chunk))
-    chunk = max(1, min(n_max, budget // rows_per_block))
-    bounds = _chunk_bounds(ns, chunk, first=min(chunk, min_chunk))
+    tile_elements = _tile_elements(device, options.budget_elements)
+    # All rows at once unless a tile of a useful width (GEMM efficiency) would not fit.
+    min_width = min(n_max, 256)
+    rows_per_block = max(1, min(rows, tile_elements // min_width))
+    width = max(1, min(n_max, tile_elements // rows_per_block))
+    bounds = _chunk_bounds(ns, width, first=min(width, max(4 * k_max, 4096)))
 
     anchors = anchors[:n_max]
     if _resident(anchors, device, dtype):
@@ -319,25 +435,18 @@ def streaming_topk(
     )
     for row_start in range(0, rows, rows_per_block):
         block = queries[row_start : row_start + rows_per_block].to(device=device, dtype=dtype)
-        run_values = run_ids = None
+        pool = _CandidatePool(len(block), k_max, POOL_WIDTH * k_max, n_max, device)
         for start, end in bounds:
             sims = _similarities(block, anchors[start:end].to(device=device, dtype=dtype))
-            found = None
-            if run_values is not None and run_values.shape[1] == k_max:
-                found = _above_threshold(sims, run_values[:, -1:], start, n_max)
-            if found is None:
+            threshold = pool.threshold()
+            found = None if threshold is None else _above_threshold(sims, threshold, start, n_max)
+            if found is None:  # not yet k_max anchors, or a filter that keeps too much
                 ids = torch.arange(start, end, device=device).expand_as(sims)
-                found = select_topk(sims, ids, k_max)
-            if run_values is None:
-                run_values, run_ids = found
-            elif found[0].shape[1]:
-                run_values, run_ids = select_topk(
-                    torch.cat([run_values, found[0]], dim=1),
-                    torch.cat([run_ids, found[1]], dim=1),
-                    k_max,
-                )
+                pool.add(sims, ids, dense=True)
+            else:
+                pool.add(*found)
             if end in snapshots:
-                snapshots[end].append((run_values, run_ids))
+                snapshots[end].append(pool.snapshot())
             bar.update()
     bar.close()
     out = {}

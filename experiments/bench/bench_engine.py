@@ -30,7 +30,15 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_baseline import zero_shot_classification  # noqa: E402
 
-from asif_exp.methods.asif import AUTHORS_OPTIONS, AsifOptions, evaluate_grid, unit_rows  # noqa: E402
+from asif_exp.methods.asif import (  # noqa: E402
+    AUTHORS_OPTIONS,
+    AsifOptions,
+    _similarities,
+    _tile_elements,
+    evaluate_grid,
+    streaming_topk,
+    unit_rows,
+)
 
 GRID_NS = [10_000, 20_000, 50_000, 100_000, 200_000, 400_000, 800_000, 1_600_000]
 GRID_KS = [50, 100, 200, 400, 800]
@@ -75,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure: every k of the grid; extrapolate: only --k, times the number of ks",
     )
     parser.add_argument("--no-scaling", action="store_true", help="skip the time-vs-n runs")
+    parser.add_argument(
+        "--memory-scaling",
+        help="comma list of n: peak memory of the streaming top-k pass against n (synthetic "
+        "anchors of --dim; e.g. 125000,250000,500000,1000000), then exit",
+    )
+    parser.add_argument(
+        "--memory-queries", type=int, default=1000, help="query rows of --memory-scaling"
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="engine only")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -213,6 +229,40 @@ def run_baseline(problem: dict, ns, k, ps, args, device) -> tuple[dict, Measure]
     return {(n, k, p): pred for (n, p), pred in predictions.items()}, measure
 
 
+def similarity_products(problem: dict, n: int, options: AsifOptions) -> None:
+    """Every similarity the engine's top-k pass computes at this n, and nothing else."""
+    device = options.resolved_device()
+    dtype = options.resolved_dtype(device)
+    sides = [
+        (problem["image_embeddings"], problem["anchor_image_embeddings"]),
+        (problem["prompt_embeddings"], problem["anchor_text_embeddings"]),
+    ]
+    for queries, anchors in sides:
+        queries, anchors = queries.to(device, dtype), anchors[:n].to(device, dtype)
+        width = max(1, min(n, _tile_elements(device, options.budget_elements) // len(queries)))
+        for start in range(0, n, width):
+            _similarities(queries, anchors[start : start + width])
+
+
+def memory_scaling(args: argparse.Namespace, device: torch.device, options: AsifOptions) -> list:
+    """Peak memory of the streaming top-k pass (k_max = --k) against n, on synthetic unit-norm
+    anchors already in memory: what the pass itself allocates must not grow with n."""
+    ns = sorted(int(n) for n in args.memory_scaling.split(","))
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    queries = unit_rows(torch.randn(args.memory_queries, args.dim, generator=g, device=device))
+    anchors = torch.empty(ns[-1], args.dim, device=device)
+    for start in range(0, ns[-1], 100_000):  # bounded temporaries
+        block = anchors[start : start + 100_000]
+        block.copy_(unit_rows(torch.randn(block.shape, generator=g, device=device)))
+    rows = []
+    for n in ns:
+        with Measure(device) as measure:
+            streaming_topk(queries, anchors, [n], args.k, options, progress=False)
+        rows.append({"n": n, "peak_mb": measure.peak_mb, "seconds": measure.seconds})
+        print(f"{n:>10} anchors: peak {measure.peak_mb:8.0f} MB, {measure.seconds:.1f}s")
+    return rows
+
+
 def agreement(engine: dict, baseline: dict) -> dict:
     """Per-cell fraction of images with the same predicted class, over the cells both ran."""
     shared = sorted(set(engine) & set(baseline))
@@ -266,6 +316,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.anchors} anchors, d={args.dim}, device={device}, "
         f"engine dtype={report['engine_dtype']}, budget={args.memory_budget_mb:g} MB"
     )
+    if args.memory_scaling:
+        print(
+            f"# memory of the streaming top-k pass: {args.memory_queries} queries, k={args.k}, "
+            f"d={args.dim}, budget {args.memory_budget_mb:g} MB, anchors already in memory"
+        )
+        report["memory_scaling"] = memory_scaling(args, device, options)
+        peaks = [row["peak_mb"] for row in report["memory_scaling"]]
+        print(f"  peak at the largest n / at the smallest: {peaks[-1] / max(peaks[0], 1):.2f}x")
+        write_json(args, report)
+        return report
     start = time.perf_counter()
     problem = synthetic_problem(args, device)
     if device.type == "cuda":
@@ -292,6 +352,11 @@ def main(argv: list[str] | None = None) -> dict:
             baseline_peak_mb=measure.peak_mb,
             agreement=agreement(single_engine, single_baseline),
         )
+    # The floor: the similarity products of that evaluation alone (both sides, the engine's
+    # tile shapes and dtype, each tile written and dropped), measured in the same run.
+    with Measure(device) as measure:
+        similarity_products(problem, n_max, options)
+    single.update(products_s=measure.seconds, products_cpu_s=measure.cpu_seconds)
     report["single"] = single
 
     # 2. the whole grid
@@ -360,11 +425,19 @@ def main(argv: list[str] | None = None) -> dict:
         report["estimate_12M_baseline_s"] = single["baseline_s"] * factor
     report["scaling"] = scaling
 
+    single["eval_over_products"] = single["engine_s"] / single["products_s"]
+    grid["scoring_over_topk"] = grid["engine_scoring_s"] / grid["engine_topk_s"]
     print_report(report, args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    write_json(args, report)
     return report
+
+
+def write_json(args: argparse.Namespace, report: dict) -> None:
+    if args.json:  # atomically: a reader never sees half a report
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2, default=str))
+        partial.replace(args.json)
 
 
 def engine_numbers(measure: Measure) -> dict:
@@ -399,6 +472,15 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
             f"  engine {label.split(' (')[0]}: top-k {part['engine_topk_s']:.2f}s + "
             f"scoring {part['engine_scoring_s']:.2f}s"
         )
+    print(
+        f"  single eval / products only: {single['eval_over_products']:.2f}x "
+        f"(products {single['products_s']:.2f}s; CPU time "
+        f"{single['engine_cpu_s'] / single['products_cpu_s']:.2f}x)"
+    )
+    print(
+        f"  grid scoring / grid top-k: {grid['scoring_over_topk']:.2f}x "
+        f"({grid['engine_scoring_s']:.2f}s / {grid['engine_topk_s']:.2f}s)"
+    )
     if "baseline_label" in grid:
         print(f"  baseline grid: {grid['baseline_label']}")
     for label, part in rows:

@@ -61,3 +61,28 @@ def test_bench_cli_with_the_authors_sparse_branch(tmp_path, baseline_gb):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "whole grid (12 cells)" in result.stdout
     assert_identical(json.loads(out.read_text()), cells=12)
+
+
+GPU_CHECK = SCRIPT.parent / "gpu_check.sh"
+
+
+def test_gpu_check_dry_run_writes_its_summary(tmp_path):
+    # The GPU check runs its steps at tiny scale on the CPU, so that the script cannot rot.
+    result = subprocess.run(
+        ["bash", str(GPU_CHECK), "--dry-run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**subprocess_env(), "PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == [
+        "gpu_tests", "bench_bf16", "bench_float32", "calibration"
+    ]  # fmt: skip
+    assert all(s["exit_status"] == 0 for s in summary["steps"]), summary["steps"]
+    float32 = summary["bench_float32"]
+    for part in ("single", "grid"):
+        assert float32[part]["agreement"]["min_fraction"] == 1.0
+    assert summary["calibration"]["cells"]
+    assert "# GPU check" in (tmp_path / "gpu_check.md").read_text()

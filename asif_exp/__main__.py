@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from asif_exp import config as _config  # noqa: F401  (registers the schemas)
+from asif_exp.cli import run_cli, user_errors_in_one_line
 from asif_exp.pipeline import run_job, summary_table
 
 log = logging.getLogger("asif_exp")
@@ -13,10 +14,11 @@ log = logging.getLogger("asif_exp")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    results = run_job(cfg)
+    with user_errors_in_one_line():
+        results = run_job(cfg)
     log.info("\n%s\nresults: %s/results.json", summary_table(results), cfg.paths.output_dir)
     return results.headline.metrics[results.primary_metric]  # the objective, for sweepers
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,13 +1,17 @@
 """Encode once, cache by full identity, reuse everywhere.
 
 A cache entry is a directory `<cache_dir>/embeddings/<key>/` holding `embeddings.safetensors`
-and `meta.json` (identity, shape, sha256 of the tensor file). It is written in a temporary
-directory and renamed into place, so a reader sees a whole entry or none; an entry whose file
-does not match its metadata is reported, deleted and recomputed.
+and `meta.json` (identity, shape, sha256 of the tensor file). Entries are written once: each
+writer builds its own staging directory and renames it onto the entry (atomic), so a reader sees
+a whole entry or none, and concurrent writers of one entry (parallel sweeps sharing a cache)
+never disturb each other: when the entry is already there and whole, the later writer discards
+its copy. An entry whose file does not match its metadata is reported, moved aside, deleted and
+recomputed. Files are created with the permissions the umask allows (a cache a group shares).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -41,6 +45,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The process's umask, read once at import (reading it means setting it, which is not
+# thread-safe); files get the mode `open` would give them.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file`, with the file readable as the umask allows (it creates 0600)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 class EmbeddingCache:
     def __init__(self, root: str | Path, enabled: bool = True):
         self.root = Path(root) / "embeddings"
@@ -49,29 +65,45 @@ class EmbeddingCache:
     def path(self, identity: dict) -> Path:
         return self.root / identity_key(identity)
 
+    def _read(self, entry: Path, identity: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """The entry's tensors and extra metadata; raises on any damage."""
+        meta = json.loads((entry / "meta.json").read_text())
+        tensor_file = entry / "embeddings.safetensors"
+        if meta["identity_key"] != identity_key(identity):
+            raise ValueError("identity does not match its key")
+        if (
+            tensor_file.stat().st_size != meta["bytes"]
+            or file_sha256(tensor_file) != meta["sha256"]
+        ):
+            raise ValueError("tensor file does not match its recorded size and checksum")
+        tensors = load_file(str(tensor_file))
+        if {k: list(v.shape) for k, v in tensors.items()} != meta["shapes"]:
+            raise ValueError("tensor shapes do not match the metadata")
+        return tensors, meta.get("extra", {})
+
+    def _discard(self, entry: Path) -> None:
+        """Move the entry aside (atomic: no reader sees it half-deleted), then delete it."""
+        trash = self.root / f".trash-{entry.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(entry, trash)
+        except FileNotFoundError:  # another process moved it already
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
     def load(self, identity: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
         """The entry's tensors and extra metadata, or None if absent or not trustworthy."""
         entry = self.path(identity)
         if not self.enabled or not entry.exists():
             return None
         try:
-            meta = json.loads((entry / "meta.json").read_text())
-            tensor_file = entry / "embeddings.safetensors"
-            if meta["identity_key"] != identity_key(identity):
-                raise ValueError("identity does not match its key")
-            if (
-                tensor_file.stat().st_size != meta["bytes"]
-                or file_sha256(tensor_file) != meta["sha256"]
-            ):
-                raise ValueError("tensor file does not match its recorded size and checksum")
-            tensors = load_file(str(tensor_file))
-            if {k: list(v.shape) for k, v in tensors.items()} != meta["shapes"]:
-                raise ValueError("tensor shapes do not match the metadata")
+            return self._read(entry, identity)
         except Exception as error:  # any damage means: recompute, never use
-            log.warning("cache entry %s is corrupt (%s); deleting and recomputing", entry, error)
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.exists():  # (else another process moved it aside while it was read)
+                log.warning(
+                    "cache entry %s is corrupt (%s); deleting and recomputing", entry, error
+                )
+                self._discard(entry)
             return None
-        return tensors, meta.get("extra", {})
 
     def save(self, identity: dict, tensors: dict[str, torch.Tensor], extra: dict) -> None:
         if not self.enabled:
@@ -81,7 +113,7 @@ class EmbeddingCache:
         staging.mkdir(parents=True)
         try:
             tensor_file = staging / "embeddings.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensor_file))
+            save_tensors(tensors, tensor_file)
             meta = {
                 "identity_key": entry.name,
                 "identity": identity,
@@ -91,11 +123,26 @@ class EmbeddingCache:
                 "extra": extra,
             }
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            if entry.exists():
-                shutil.rmtree(entry)
-            os.replace(staging, entry)
+            self._publish(staging, entry, identity)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _publish(self, staging: Path, entry: Path, identity: dict, attempts: int = 5) -> None:
+        """Rename `staging` onto `entry`, unless a whole entry is already there (then ours is
+        redundant: the identity fixes the content). A damaged one is replaced."""
+        for _ in range(attempts):
+            try:
+                os.rename(staging, entry)  # fails if the entry exists (it is never empty)
+                return
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            try:
+                self._read(entry, identity)
+                return  # another writer's whole entry
+            except Exception:  # damaged (or moved aside meanwhile): replace it
+                self._discard(entry)
+        raise OSError(f"cache entry {entry}: could not be written in {attempts} attempts")
 
     def get_or_compute(
         self, identity: dict, compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]

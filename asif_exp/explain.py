@@ -28,10 +28,12 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from omegaconf import MISSING, DictConfig, OmegaConf
 from PIL import Image
 
+from asif_exp.cli import run_cli, user_errors_in_one_line
 from asif_exp.config import (
     AnchorsConfig,
     AsifConfig,
@@ -55,7 +57,7 @@ from asif_exp.memory import (
     usage_summary,
 )
 from asif_exp.methods.asif import asif_options, grid_values
-from asif_exp.options import as_list, single
+from asif_exp.options import ConfigError, as_list, check_config, single
 from asif_exp.pipeline import (
     Embedder,
     class_prompt_targets,
@@ -138,7 +140,7 @@ class Workspace:
     def row_of(self, query: int) -> int:
         """Row of benchmark image `query` in the embeddings."""
         if not 0 <= query < len(self.benchmark.labels):
-            raise IndexError(
+            raise ConfigError(
                 f"query={query}: benchmark {self.benchmark.name} has images 0.."
                 f"{len(self.benchmark.labels) - 1}"
             )
@@ -172,7 +174,7 @@ def load_workspace(cfg: DictConfig) -> Workspace:
     if cfg.model_dir:  # checked before anything is encoded
         model = load_model(cfg.model_dir, device=cfg.device)
         if model.encoders != _encoders(cfg):
-            raise ValueError(
+            raise ConfigError(
                 f"model_dir={cfg.model_dir} was built with encoders {model.encoders}, but the "
                 f"config's are {_encoders(cfg)}: its anchors and these queries are not comparable"
             )
@@ -359,8 +361,9 @@ def _edit(cfg: DictConfig, ws: Workspace) -> tuple[AsifModel, dict | None]:
     return edited, report
 
 
-def _explain_query(cfg, ws: Workspace, model: AsifModel, query: int, output_dir: Path) -> dict:
-    row = ws.row_of(query)
+def _explain_query(
+    cfg, ws: Workspace, model: AsifModel, query: int, row: int, output_dir: Path
+) -> dict:
     explanation = explain(model, ws.image_embeddings[row], ws.prompts, int(ws.labels[row]))
     payload = {"query": query, "image_id": ws.benchmark.images.ids[query], **explanation.to_dict()}
     write_json_atomic(output_dir / f"explain_q{query}.json", payload)
@@ -454,16 +457,19 @@ def _queries(cfg: DictConfig) -> list[int]:
     try:
         return [int(q) for q in as_list(cfg.query)]
     except (TypeError, ValueError):
-        raise ValueError(
+        raise ConfigError(
             f"query={cfg.query!r}: expected a benchmark index or a list of them"
         ) from None
 
 
-def explain_main(cfg: DictConfig) -> dict:
-    """The whole job as a plain function (Hydra only composes the config)."""
+def explain_main(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The whole job as a plain function (Hydra only composes the config). `overrides`: the
+    command line's, to refuse options a saved model (`model_dir`) would ignore."""
+    check_config(cfg, overrides)
     output_dir = Path(cfg.paths.output_dir)
     queries = _queries(cfg)  # a typo fails before any work
     ws = load_workspace(cfg)
+    rows = [ws.row_of(q) for q in queries]  # every query checked before anything is written
     model, edit_report = _edit(cfg, ws)
     base = model.evaluate(ws.image_embeddings, ws.labels, ws.prompts)
     results: dict = {
@@ -486,7 +492,10 @@ def explain_main(cfg: DictConfig) -> dict:
         "no_overlap_fraction": base["no_overlap_fraction"],
         "embeddings_from_cache": ws.from_cache,
         "edit": edit_report,
-        "queries": [_explain_query(cfg, ws, model, q, output_dir) for q in queries],
+        "queries": [
+            _explain_query(cfg, ws, model, q, row, output_dir)
+            for q, row in zip(queries, rows, strict=True)
+        ],
         "abstain": _abstain(cfg, ws, model, output_dir),
         "usage": _usage(ws, model, output_dir) if cfg.usage else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -499,7 +508,8 @@ def explain_main(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="explain")
 def main(cfg: DictConfig) -> None:
-    results = explain_main(cfg)
+    with user_errors_in_one_line():
+        results = explain_main(cfg, list(HydraConfig.get().overrides.task))
     for q in results["queries"]:
         names = results["benchmark"]["class_names"]
         log.info(
@@ -515,4 +525,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

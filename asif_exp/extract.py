@@ -30,26 +30,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from asif_exp import config as _config  # noqa: F401  (registers the schemas)
+from asif_exp.cli import run_cli, user_errors_in_one_line
 from asif_exp.data import AnchorSet, Subset, load_anchors, sha_of
 from asif_exp.embeddings import EmbeddingCache, encode_images
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity
+from asif_exp.options import ConfigError, check_config
 from asif_exp.pipeline import image_cache_identity, text_cache_identity
 from asif_exp.results import write_json_atomic
 
 log = logging.getLogger(__name__)
-STAGES = ("all", "encode", "merge")
 
 
 def chunk_ranges(size: int, chunk_size: int) -> list[tuple[int, int]]:
     if chunk_size < 1:
-        raise ValueError(f"extract.chunk_size={chunk_size}: must be at least 1")
+        raise ConfigError(f"extract.chunk_size={chunk_size}: must be at least 1")
     return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
 
 
 def shard_chunks(chunks: list, shard: int, num_shards: int) -> list[int]:
     """Indices of the chunks job `shard` encodes (round-robin, so jobs finish together)."""
     if num_shards < 1 or not 0 <= shard < num_shards:
-        raise ValueError(
+        raise ConfigError(
             f"extract.shard={shard} of num_shards={num_shards}: need 0 <= shard < num_shards"
         )
     return list(range(shard, len(chunks), num_shards))
@@ -175,9 +176,8 @@ def merge_chunks(
 
 def run_extract(cfg: DictConfig) -> dict:
     """Encode this job's chunks and/or merge them; returns (and writes) a report."""
+    check_config(cfg)  # extract.stage among them
     extract = cfg.extract
-    if extract.stage not in STAGES:
-        raise ValueError(f"extract.stage={extract.stage!r}: expected one of {STAGES}")
     started = time.perf_counter()
     anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
     chunks = chunk_ranges(len(anchors.captions), int(extract.chunk_size))
@@ -263,8 +263,9 @@ def _all_cached(cache: EmbeddingCache, cfg, anchors: AnchorSet, chunks: list) ->
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-    run_extract(cfg)
+    with user_errors_in_one_line():
+        run_extract(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -21,10 +21,10 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from asif_exp.embeddings import file_sha256
+from asif_exp.embeddings import file_sha256, save_tensors
 from asif_exp.methods.asif import (
     AsifOptions,
     TopK,
@@ -534,12 +534,12 @@ def save_model(model: AsifModel, directory: str | Path, overwrite: bool = False)
     staging.mkdir()
     try:
         tensors = staging / MODEL_TENSORS
-        save_file(
+        save_tensors(
             {
-                "anchor_image_embeddings": model.anchor_image_embeddings.float().contiguous(),
-                "anchor_text_embeddings": model.anchor_text_embeddings.float().contiguous(),
+                "anchor_image_embeddings": model.anchor_image_embeddings.float(),
+                "anchor_text_embeddings": model.anchor_text_embeddings.float(),
             },
-            str(tensors),
+            tensors,
         )
         pairs = staging / MODEL_PAIRS
         with pairs.open("w", encoding="utf-8") as handle:
@@ -593,6 +593,8 @@ def load_model(directory: str | Path, device: str | None = None) -> AsifModel:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise fail(f"{MODEL_META} is not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise fail(f"{MODEL_META} is not a JSON object")
     if meta.get("format") != MODEL_FORMAT:
         raise fail(f"{MODEL_META} has format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
     if meta.get("format_version") != MODEL_FORMAT_VERSION:
@@ -603,8 +605,11 @@ def load_model(directory: str | Path, device: str | None = None) -> AsifModel:
     missing = {"n", "k", "p", "options", "encoders", "image_dim", "text_dim", "files"} - set(meta)
     if missing:
         raise fail(f"{MODEL_META} lacks {sorted(missing)}")
+    files = meta["files"] if isinstance(meta["files"], dict) else {}
     for name in (MODEL_TENSORS, MODEL_PAIRS):
-        path, expected = directory / name, meta["files"].get(name, {})
+        path, expected = directory / name, files.get(name)
+        if not isinstance(expected, dict):
+            raise fail(f'{MODEL_META}: "files" lacks the size and sha256 of {name}')
         if not path.is_file():
             raise fail(f"{name} is missing")
         if path.stat().st_size != expected.get("bytes") or file_sha256(path) != expected.get(

@@ -1,17 +1,49 @@
-"""The one place where grid options from the config are decoded: a value or a list, typed.
+"""The one place where config values are checked and grid options decoded.
 
-An int option takes ints only (2.0 is accepted as 2, 2.5 is refused rather than truncated);
-a positive option must be finite and above zero. Errors name the config key.
+`check_config` runs first in every entry point (run, explain, extract), before any data is read
+or encoded: enumerations, device names, finite numbers, typed grid options and conflicting
+options. An int option takes ints only (2.0 is accepted as 2; 2.7 and true are refused rather
+than truncated); a positive option must be finite and above zero. Every error is a one-line
+`ConfigError` naming the config key.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from omegaconf import ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot be right, named by its key."""
+
+
+# Every enumerated option of the config groups, with its choices (None: the null value).
+NORMALIZE_CHOICES = ("both", "prompt", "none")
+AGGREGATION_CHOICES = ("mean", "max")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+CHOICES: dict[str, tuple] = {
+    "data.on_bad_image": ("skip", "raise"),
+    "anchors.repeated_pairs": ("keep", "drop", "error"),
+    "asif.normalize": NORMALIZE_CHOICES,
+    "asif.template_aggregation": AGGREGATION_CHOICES,
+    "asif.compute_dtype": ("auto", *COMPUTE_DTYPES),
+    "asif.preset": ("clean", "authors", "authors_unclamped", "custom"),
+    "encoder.vision.precision": COMPUTE_DTYPES,
+    "benchmark.folder_labels": ("sorted", "int"),
+    "benchmark.authors_split": (None, "val", "test"),
+    "logger.name": ("none", "wandb"),
+    "logger.mode": ("online", "offline", "disabled"),
+    "extract.stage": ("all", "encode", "merge"),
+}
+DEVICE_FORM = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_KEYS = ("device",)
+# With a saved model (explain's model_dir), these come from the model: setting them is refused.
+FIXED_BY_SAVED_MODEL = ("asif", "anchors")
 
 
 def as_list(value: Any) -> list:
@@ -20,8 +52,8 @@ def as_list(value: Any) -> list:
     return [value]
 
 
-def _fail(key: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"{key}={value!r}: expected {expected}")
+def _fail(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: expected {expected}")
 
 
 def _int(key: str, value: Any, raw: Any) -> int:
@@ -64,7 +96,7 @@ def single(key: str, raw: Any) -> Any:
     """The one value of an option that must not be a list or null (explain, one model)."""
     values = as_list(raw)
     if len(values) != 1 or values[0] is None:
-        raise ValueError(f"{key}={raw}: explain needs a single value")
+        raise ConfigError(f"{key}={raw}: explain needs a single value")
     return values[0]
 
 
@@ -77,10 +109,10 @@ def anchor_prefixes(raw: Any, n_available: int) -> list[int]:
 
 def check_prefixes(ns: Sequence[int], n_available: int) -> None:
     if not ns:
-        raise ValueError("asif.n=[]: empty grid")
+        raise ConfigError("asif.n=[]: empty grid")
     for n in ns:
         if n < 1 or n > n_available:
-            raise ValueError(
+            raise ConfigError(
                 f"asif.n={n}: must be between 1 and the {n_available} anchors available"
             )
 
@@ -94,7 +126,63 @@ def build_component(package: str, group: str, cfg) -> Any:
     except ModuleNotFoundError as error:
         if error.name != f"asif_exp.{package}.{name}":
             raise  # the module exists but one of its imports is missing
-        raise ValueError(
+        raise ConfigError(
             f"{group}={name!r}: no module asif_exp/{package}/{name}.py (see conf/{group}/)"
         ) from None
     return module.build(cfg)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _leaves(node: Any, prefix: str = ""):
+    """(dotted key, value) of every leaf, unresolved (no interpolation is evaluated)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for value in node:
+            yield prefix[:-1], value
+    else:
+        yield prefix[:-1], node
+
+
+def _override_key(override: str) -> str:
+    """`asif.k=3` -> `asif.k`; `+x=1`, `~x`, `++x=1` -> `x`; `asif=paper` -> `asif`."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Refuse, with a one-line ConfigError, any value that cannot be right; nothing is read yet.
+
+    `overrides` are the command line's (Hydra's `overrides.task`): they tell an option the user
+    set from one left at its default, for options that conflict (explain's `model_dir`).
+    """
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: expected a finite number")
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value != "<absent>" and value not in choices:
+            listed = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{key}={value!r}: expected one of {listed}")
+    for key in DEVICE_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (isinstance(value, str) and DEVICE_FORM.fullmatch(value)):
+            raise ConfigError(f"{key}={value!r}: expected auto, cpu, mps, cuda or cuda:<index>")
+    if "asif" in cfg:
+        int_values("asif.n", cfg.asif.n, default=1)  # null entries: every anchor
+        for k in int_values("asif.k", cfg.asif.k):
+            if k < 1:
+                raise ConfigError(f"asif.k={k}: must be at least 1")
+        positive_values("asif.p", cfg.asif.p)
+        positive_values("asif.memory_budget_mb", cfg.asif.memory_budget_mb)
+    if OmegaConf.select(cfg, "model_dir"):
+        ignored = [o for o in overrides if _override_key(o).split(".")[0] in FIXED_BY_SAVED_MODEL]
+        if ignored:
+            raise ConfigError(
+                f"model_dir={cfg.model_dir}: the saved model fixes its anchors, k, p and "
+                f"options, so {' '.join(ignored)} would be ignored; drop "
+                f"{'it' if len(ignored) == 1 else 'them'}, or drop model_dir to build the "
+                "model from anchors"
+            )

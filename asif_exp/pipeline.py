@@ -7,6 +7,7 @@ too), so that a chunked extraction fills exactly the entries a run looks up.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from asif_exp.data import (
 from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key, refuse_bad_images
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
 from asif_exp.methods.base import Method, MethodReport, load_method
-from asif_exp.options import anchor_prefixes
+from asif_exp.options import anchor_prefixes, check_config
 from asif_exp.problem import EmbeddedProblem, Targets
 from asif_exp.results import (
     RESULTS_FILE,
@@ -99,7 +100,19 @@ class Embedder:
         tensors, extra, self.cached[description] = self.cache.get_or_compute(identity, compute)
         refuse_bad_images(extra["failures"], self.cfg.data.on_bad_image, description)
         self.keys.append(identity_key(identity))
-        return tensors["embeddings"], tensors["kept"].tolist(), extra["failures"]
+        failures = extra["failures"]
+        if failures:  # also listed in results.json; said here so that nobody misses it
+            first = failures[0]
+            log.warning(
+                "%s: skipped %d unreadable image(s) of %d (data.on_bad_image=skip), "
+                "listed in results.json; first: %s (%s)",
+                description,
+                len(failures),
+                len(source),
+                first["id"],
+                first["error"],
+            )
+        return tensors["embeddings"], tensors["kept"].tolist(), failures
 
     def texts(self, texts: list[str], description: str) -> torch.Tensor:
         identity = text_cache_identity(self.cfg.encoder.text, texts)
@@ -185,24 +198,82 @@ def run(cfg: DictConfig) -> dict:
 def run_job(cfg: DictConfig) -> RunResults:
     """Run one job and return its results record (also written to `<output_dir>/results.json`).
 
-    With `skip_existing`, a job whose results.json exists is not run again (resuming a sweep).
+    With `skip_existing`, a job whose results.json holds this config's results is not run again
+    (resuming a sweep).
     """
+    check_config(cfg)  # before anything is read, encoded or tracked
     output_dir = Path(cfg.paths.output_dir)
     results_path = output_dir / RESULTS_FILE
-    if cfg.skip_existing and results_path.exists():
-        try:
-            finished = read_results(results_path)
-            log.info("skip_existing: %s already holds results", results_path)
-            return finished
-        except ResultsFormatError as error:  # written atomically, so only hand edits get here
-            log.warning("skip_existing: %s; running the job again", error)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.skip_existing and results_path.exists():
+        finished = finished_results(results_path, resolved)
+        if finished is not None:
+            log.info("skip_existing: %s already holds this job's results", results_path)
+            return finished
     job_name = f"{cfg.anchors.name}-{cfg.benchmark.name}-n{cfg.asif.n}-k{cfg.asif.k}-p{cfg.asif.p}"
     with open_tracker(cfg.logger, resolved, output_dir, job_name) as tracker:
         results = evaluate(cfg, resolved)
         tracker.log_results(results)
     results.write(results_path)
     return results
+
+
+# Config keys that change no number: a results.json written under other values still counts
+# as this job's (skip_existing).
+NOT_AFFECTING_RESULTS = (
+    "paths.output_dir",
+    "paths.root",
+    "paths.cache_dir",
+    "cache",
+    "progress",
+    "logger",
+    "skip_existing",
+    "sweep_name",
+    "encoder.vision.num_workers",
+)
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict) and node:
+        return {
+            k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()
+        }
+    return {prefix[:-1]: node}
+
+
+def config_differences(recorded: dict, current: dict) -> list[str]:
+    """`key: recorded -> current` for every result-changing key whose value differs."""
+    # as results.json holds it (tuples as lists, other objects as strings)
+    current = json.loads(json.dumps(current, default=str))
+    old, new = _flat(recorded), _flat(current)
+    return [
+        f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+        and not any(key == k or key.startswith(f"{k}.") for k in NOT_AFFECTING_RESULTS)
+    ]
+
+
+def finished_results(path: Path, resolved: dict) -> RunResults | None:
+    """The record at `path` if it is whole and was produced by this config; None (and why, in
+    the log) when the job must run again."""
+    try:
+        finished = read_results(path)
+    except ResultsFormatError as error:  # written atomically, so only damage or hand edits
+        log.warning("skip_existing: %s; running the job again", error)
+        return None
+    differences = config_differences(finished.config, resolved)
+    if differences:
+        shown = "; ".join(differences[:5]) + (
+            f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+        )
+        log.warning(
+            "skip_existing: %s was produced by another config (%s); running the job again",
+            path,
+            shown,
+        )
+        return None
+    return finished
 
 
 def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:

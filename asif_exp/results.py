@@ -35,9 +35,14 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
-    write_atomic(
-        path, lambda staging: staging.write_text(json.dumps(payload, indent=1, default=str))
-    )
+    """Strict JSON (no NaN or Infinity, which most JSON readers refuse): a value with no number
+    is null where it is written; a NaN arriving here is a bug, refused before anything is
+    written."""
+    try:
+        text = json.dumps(payload, indent=1, default=str, allow_nan=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}: a NaN or infinity reached the writer") from None
+    write_atomic(path, lambda staging: staging.write_text(text))
 
 
 @dataclass
@@ -149,7 +154,7 @@ def results_from_dict(raw: dict, source: str = "results") -> RunResults:
         else:
             params, method, task = raw["headline_params"], raw["method"], raw["task"]
             primary, notes = raw["primary_metric"], raw["notes"]
-        return RunResults(
+        results = RunResults(
             method=method,
             task=task,
             options=raw["options"],
@@ -164,10 +169,15 @@ def results_from_dict(raw: dict, source: str = "results") -> RunResults:
             timings=raw.get("timings", {}),
             config=raw.get("config", {}),
         )
-    except (KeyError, IndexError, TypeError) as error:
+    except (KeyError, IndexError, TypeError, AttributeError) as error:
         raise ResultsFormatError(
             f"{source}: not a results record (missing {error}); rerun the job to redo it"
         ) from None
+    if any(primary not in cell.metrics for cell in results.cells):
+        raise ResultsFormatError(
+            f"{source}: a cell lacks the primary metric {primary!r}; rerun the job to redo it"
+        )
+    return results
 
 
 def _cell(row: dict, params: list[str]) -> CellResult:
@@ -181,9 +191,11 @@ def read_results(path: str | Path) -> RunResults:
     """One results.json, as a record; a damaged or unknown file is a one-line error."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ResultsFormatError(f"{path}: not valid JSON ({error}); rerun the job") from None
+    except OSError as error:
+        raise ResultsFormatError(f"{path}: cannot be read ({error.strerror})") from None
     if not isinstance(raw, dict):
         raise ResultsFormatError(f"{path}: not a results record; rerun the job")
     return results_from_dict(raw, str(path))

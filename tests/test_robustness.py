@@ -1,21 +1,20 @@
 """Bad input gives a clear error or a documented skip-and-report, and never leaves a corrupt
 cache entry or a partial results.json.
 
-Tiny fake encoders (registered below) stand in for the real ones: the point here is the
+Tiny fake encoders (tests/fakes.py) stand in for the real ones: the point here is the
 plumbing, and they make every run take well under a second.
 """
 
 import json
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from fakes import config
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
-import asif_exp.explain  # noqa: F401  (registers the explain schema)
+import asif_exp.explain
 import asif_exp.methods.asif
 from asif_exp.data import (
     AnchorSet,
@@ -26,73 +25,10 @@ from asif_exp.data import (
     load_benchmark,
 )
 from asif_exp.embeddings import EmbeddingCache
-from asif_exp.encoders import register_image_model, register_text_model
 from asif_exp.memory import AsifModel
 from asif_exp.methods.asif import AsifOptions, check_embeddings, evaluate_grid
+from asif_exp.options import ConfigError
 from asif_exp.pipeline import run
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-class _PooledPixels(torch.nn.Module):
-    """A 48-d "image encoder": the mean colour of a 4 x 4 grid of cells."""
-
-    def forward(self, pixels):
-        return torch.nn.functional.adaptive_avg_pool2d(pixels, 4).flatten(1)
-
-
-class _NanPixels(torch.nn.Module):
-    def forward(self, pixels):
-        return torch.full((len(pixels), 8), float("nan"))
-
-
-class _HashedWords:
-    """A 32-d "text encoder": hashed bag of words."""
-
-    max_seq_length = 128
-
-    def encode(self, texts, batch_size=None, convert_to_tensor=True, show_progress_bar=False):
-        out = torch.full((len(texts), 32), 1e-3)
-        for row, text in enumerate(texts):
-            for word in text.lower().split():
-                out[row, zlib.crc32(word.encode()) % 32] += 1
-        return out
-
-
-register_image_model("test_pooled_pixels")(lambda cfg, with_classifier=False: _PooledPixels())
-register_image_model("test_nan_pixels")(lambda cfg, with_classifier=False: _NanPixels())
-register_text_model("test_hashed_words")(lambda cfg, device: _HashedWords())
-
-FAKE = [
-    "encoder.vision.name=test_pooled_pixels",
-    "encoder.vision.model_name=pool4",
-    "encoder.vision.weights=none",
-    "encoder.vision.resize_size=16",
-    "encoder.vision.crop_size=16",
-    "encoder.text.name=test_hashed_words",
-    "encoder.text.model_name=words32",
-    "anchors.num_samples=30",
-    "benchmark.num_samples=12",
-    "anchors.image_size=32",
-    "benchmark.image_size=32",
-    "asif.k=5",
-    "asif.p=2",
-    "progress=false",
-]
-
-
-def config(tmp_path: Path, *overrides: str, name: str = "config", output: str = "out"):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(
-            name,
-            [
-                *FAKE,
-                f"paths.cache_dir={tmp_path / 'cache'}",
-                f"paths.output_dir={tmp_path / output}",
-                f"paths.data_root={tmp_path / 'data'}",
-                *overrides,
-            ],
-        )
 
 
 def assert_cache_is_whole(cache_dir: Path) -> None:
@@ -170,7 +106,7 @@ def test_unreadable_benchmark_image_is_reported_and_cannot_be_explained(tmp_path
     cfg = config(tmp_path, *bench, "query=4", name="explain", output="explain")
     with pytest.raises(DataError, match=r"query=4: image 'square/1.png' was skipped as unreadable"):
         asif_exp.explain.explain_main(cfg)
-    with pytest.raises(IndexError, match=r"query=6: benchmark image_folder has images 0\.\.5"):
+    with pytest.raises(ConfigError, match=r"query=6: benchmark image_folder has images 0\.\.5"):
         asif_exp.explain.explain_main(config(tmp_path, *bench, "query=6", name="explain"))
     assert not (tmp_path / "explain" / "explain_results.json").exists()
 

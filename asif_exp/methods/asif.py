@@ -23,7 +23,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
-from asif_exp.options import anchor_prefixes, int_values, positive_values
+from asif_exp.options import (
+    AGGREGATION_CHOICES,
+    NORMALIZE_CHOICES,
+    ConfigError,
+    anchor_prefixes,
+    int_values,
+    positive_values,
+)
 from asif_exp.problem import EmbeddedProblem
 from asif_exp.tasks.classification import classification_metrics
 
@@ -34,8 +41,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
-NORMALIZE_CHOICES = ("both", "prompt", "none")
-AGGREGATION_CHOICES = ("mean", "max")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,21 +64,21 @@ class AsifOptions:
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE_CHOICES:
-            raise ValueError(
+            raise ConfigError(
                 f"asif.normalize={self.normalize!r}: expected one of {NORMALIZE_CHOICES}"
             )
         if self.template_aggregation not in AGGREGATION_CHOICES:
-            raise ValueError(
+            raise ConfigError(
                 f"asif.template_aggregation={self.template_aggregation!r}: "
                 f"expected one of {AGGREGATION_CHOICES}"
             )
         if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"asif.compute_dtype={self.compute_dtype!r}: "
                 f"expected 'auto' or one of {list(DTYPES)}"
             )
         if self.memory_budget_mb <= 0:
-            raise ValueError(f"asif.memory_budget_mb={self.memory_budget_mb}: must be positive")
+            raise ConfigError(f"asif.memory_budget_mb={self.memory_budget_mb}: must be positive")
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -151,23 +156,23 @@ def check_grid(
     clamp_negative: bool = True,
 ) -> None:
     if not ns or not ks or not ps:
-        raise ValueError(f"empty grid: n={list(ns)}, k={list(ks)}, p={list(ps)}")
+        raise ConfigError(f"empty grid: n={list(ns)}, k={list(ks)}, p={list(ps)}")
     for n in ns:
         if n < 1 or n > n_available:
-            raise ValueError(
+            raise ConfigError(
                 f"asif.n={n}: must be between 1 and the {n_available} anchors available"
             )
     for k in ks:
         if k < 1:
-            raise ValueError(f"asif.k={k}: must be at least 1")
+            raise ConfigError(f"asif.k={k}: must be at least 1")
     if min(ks) > max(ns):
-        raise ValueError(f"asif.k={min(ks)} exceeds every n in {sorted(ns)}: k must be <= n")
+        raise ConfigError(f"asif.k={min(ks)} exceeds every n in {sorted(ns)}: k must be <= n")
     for p in ps:
         if not p > 0:
-            raise ValueError(f"asif.p={p}: must be positive")
+            raise ConfigError(f"asif.p={p}: must be positive")
         if not clamp_negative and p != int(p):
             # A negative similarity has no real non-integer power: scores would be NaN.
-            raise ValueError(
+            raise ConfigError(
                 f"asif.p={p} with asif.clamp_negative=false: negative similarities have no "
                 "real non-integer power; use an integer p or clamp negatives"
             )
@@ -898,7 +903,7 @@ class CellResult:
     top1: float
     top5: float
     mean_per_class_recall: float
-    per_class_accuracy: list[float]
+    per_class_accuracy: list[float | None]  # None: a class without images
     no_overlap_fraction: float  # queries that share no anchor with any prompt (scores all 0)
     predictions: Tensor  # (queries,) predicted class
     scores: Tensor | None = None  # (queries, classes), kept only when asked for

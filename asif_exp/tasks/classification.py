@@ -33,8 +33,9 @@ def accuracy_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> dict:
     in_top5 = in_top5.flatten()
     counts = torch.bincount(labels, minlength=num_classes).double()
     hits = torch.bincount(labels, weights=correct.double(), minlength=num_classes)
-    per_class = (hits / counts).tolist()  # nan for classes without images
-    present = [a for a in per_class if not math.isnan(a)]
+    # None (null in results.json) for a class without images: it has no accuracy
+    per_class = [None if math.isnan(a) else a for a in (hits / counts).tolist()]
+    present = [a for a in per_class if a is not None]
     return {
         "predictions": predictions,
         "top1": float(correct.float().mean()),

@@ -7,11 +7,13 @@ registered, for subprocess tests (real multiruns) that must not load a real mode
 
 from __future__ import annotations
 
+import json
 import zlib
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
 from asif_exp.encoders import register_image_model, register_text_model
@@ -79,6 +81,19 @@ def config(tmp_path: Path, *overrides: str, name: str = "config", output: str = 
                 *overrides,
             ],
         )
+
+
+def write_pairs(folder: Path, count: int, bad: dict[int, bytes] | None = None) -> Path:
+    """`count` tiny PNGs with captions in pairs.jsonl; `bad` replaces some files' bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        Image.new("RGB", (20, 20), (40 * (i % 6), 200 - 20 * (i % 9), 90)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "caption": f"shade {i} of a colour"}))
+    for i, content in (bad or {}).items():
+        (folder / f"{i}.png").write_bytes(content)
+    (folder / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.jsonl"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import config
+from fakes import config, write_pairs
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
@@ -41,19 +41,6 @@ def assert_cache_is_whole(cache_dir: Path) -> None:
     for entry in root.iterdir():
         identity = json.loads((entry / "meta.json").read_text())["identity"]
         assert cache.load(identity) is not None, entry
-
-
-def write_pairs(folder: Path, count: int, bad: dict[int, bytes] | None = None) -> Path:
-    """`count` tiny PNGs with captions in pairs.jsonl; `bad` replaces some files' bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(count):
-        Image.new("RGB", (20, 20), (40 * (i % 6), 200 - 20 * (i % 9), 90)).save(folder / f"{i}.png")
-        rows.append(json.dumps({"image": f"{i}.png", "caption": f"shade {i} of a colour"}))
-    for i, content in (bad or {}).items():
-        (folder / f"{i}.png").write_bytes(content)
-    (folder / "pairs.jsonl").write_text("\n".join(rows) + "\n")
-    return folder / "pairs.jsonl"
 
 
 # ----------------------------------------------------------------------------- images

@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 from hydra.errors import HydraException
 
@@ -56,7 +57,7 @@ def one_line(error: BaseException) -> str:
     return "; ".join(head) + (" " + ", ".join(items) if items else "")
 
 
-def fail(error: BaseException) -> None:
+def fail(error: BaseException) -> NoReturn:
     print(f"error: {one_line(error)} ({DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr)
     raise SystemExit(1)
 

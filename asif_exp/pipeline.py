@@ -101,11 +101,10 @@ class Embedder:
         refuse_bad_images(extra["failures"], self.cfg.data.on_bad_image, description)
         self.keys.append(identity_key(identity))
         failures = extra["failures"]
-        if failures:  # also listed in results.json; said here so that nobody misses it
+        if failures:  # results.json lists them all; said here so that nobody misses them
             first = failures[0]
             log.warning(
-                "%s: skipped %d unreadable image(s) of %d (data.on_bad_image=skip), "
-                "listed in results.json; first: %s (%s)",
+                "%s: skipped %d unreadable image(s) of %d (data.on_bad_image=skip); first: %s (%s)",
                 description,
                 len(failures),
                 len(source),

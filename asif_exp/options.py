@@ -17,6 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from asif_exp.data import REPEATED_PAIRS_POLICIES
+from asif_exp.embeddings import ON_BAD_IMAGE
+
 
 class ConfigError(ValueError):
     """A config value or combination that cannot be right, named by its key."""
@@ -27,14 +30,14 @@ NORMALIZE_CHOICES = ("both", "prompt", "none")
 AGGREGATION_CHOICES = ("mean", "max")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 CHOICES: dict[str, tuple] = {
-    "data.on_bad_image": ("skip", "raise"),
-    "anchors.repeated_pairs": ("keep", "drop", "error"),
+    "data.on_bad_image": ON_BAD_IMAGE,
+    "anchors.repeated_pairs": REPEATED_PAIRS_POLICIES,
     "asif.normalize": NORMALIZE_CHOICES,
     "asif.template_aggregation": AGGREGATION_CHOICES,
     "asif.compute_dtype": ("auto", *COMPUTE_DTYPES),
     "asif.preset": ("clean", "authors", "authors_unclamped", "custom"),
     "encoder.vision.precision": COMPUTE_DTYPES,
-    "benchmark.folder_labels": ("sorted", "int"),
+    "benchmark.folder_labels": ("ids", "sorted", "int"),
     "benchmark.authors_split": (None, "val", "test"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("online", "offline", "disabled"),

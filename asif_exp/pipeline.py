@@ -104,10 +104,11 @@ class Embedder:
         if failures:  # results.json lists them all; said here so that nobody misses them
             first = failures[0]
             log.warning(
-                "%s: skipped %d unreadable image(s) of %d (data.on_bad_image=skip); first: %s (%s)",
+                "%s: skipped %d unreadable image(s) of %d (data.on_bad_image=%s); first: %s (%s)",
                 description,
                 len(failures),
                 len(source),
+                self.cfg.data.on_bad_image,
                 first["id"],
                 first["error"],
             )

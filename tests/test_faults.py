@@ -117,7 +117,10 @@ def test_skip_existing_reruns_a_damaged_results_json(tmp_path, engine_calls, dam
         ("asif.p=nan", r"asif.p=nan: expected a finite number"),
         ("asif.p=-1", r"asif.p=-1: expected a finite positive number"),
         ("asif.memory_budget_mb=inf", r"asif.memory_budget_mb=inf: expected a finite"),
-        ("data.on_bad_image=rasie", r"data.on_bad_image='rasie': expected one of skip, raise$"),
+        (
+            "data.on_bad_image=rasie",
+            r"data.on_bad_image='rasie': expected one of skip, skip_failed_downloads, raise$",
+        ),
         ("asif.normalize=images", r"asif.normalize='images': expected one of both, prompt, none"),
         ("asif.template_aggregation=median", r"expected one of mean, max"),
         ("asif.compute_dtype=fp16", r"expected one of auto, float32, bfloat16, float16"),

@@ -234,6 +234,7 @@ def test_each_cell_is_fitted_on_exactly_the_first_n_pairs(name):
         (["method=cca", "method.r=[0]"], "method.r"),
         (["method=csa", "method.regularization=1.5"], "method.regularization"),
         (["method=dense_rr", "method.template_aggregation=median"], "template_aggregation"),
+        (["method=cca", "~method.r"], r"method.r: missing \(see conf/method/cca.yaml\)"),
     ],
 )
 def test_option_mistakes_are_one_line_errors_naming_the_key(overrides, message):
@@ -270,3 +271,81 @@ def test_end_to_end_on_the_embedded_default(name, tmp_path, tiny_cache_dir):
     assert on_disk["options"]["template_aggregation"] == "mean"
     assert on_disk["notes"]["skipped_cells"] == []
     assert on_disk["n"] == 150 and results["top1"] == on_disk["top1"]
+
+
+# ----------------------------------------------------------------------------- sweep and report
+
+
+def test_sweep_runs_every_method_over_the_same_prefixes(tmp_path):
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["+sweep=baselines", "task=classification", "benchmark=cifar10"],
+            return_hydra_config=True,
+        )
+    assert set(cfg.hydra.sweeper.params["method"].split(",")) == {"asif", *BASELINES}
+    assert cfg.anchors.name == "flickr8k" and len(cfg.asif.n) > 3
+
+
+def write_record(root, method, params_and_top1, task="classification"):
+    from asif_exp.results import CellResult, DataSummary, RunResults
+
+    cells = [CellResult(params, {"top1": top1, "top5": 0.9}) for params, top1 in params_and_top1]
+    RunResults(
+        method=method,
+        task=task,
+        options={},
+        anchors=DataSummary("flickr8k", 400, 400),
+        benchmark=DataSummary("cifar10", 100, 100, details={"class_names": list("abcdefghij")}),
+        encoders={"vision": {"model_name": "tf_efficientnet_lite0"}, "text": {"model_name": "m"}},
+        cells=cells,
+        headline=cells[-1],
+        primary_metric="top1",
+    ).write(root / method / "results.json")
+
+
+def test_comparison_builder_keeps_the_best_setting_per_method_and_n(tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from conftest import PROJECT_ROOT, subprocess_env
+
+    write_record(
+        tmp_path,
+        "ridge",
+        [
+            ({"n": n, "alpha": a}, top1)
+            for n, a, top1 in [(100, 1.0, 0.3), (100, 10.0, 0.4), (400, 1.0, 0.6), (400, 10.0, 0.5)]
+        ],
+    )
+    write_record(
+        tmp_path, "asif", [({"n": n, "k": 50, "p": 8.0}, 0.1 * n / 100) for n in (100, 400)]
+    )
+    out = tmp_path / "report" / "cmp"
+    subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "experiments/baselines/build.py"),
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=subprocess_env(),
+        capture_output=True,
+    )
+    table = pd.read_csv(out.with_suffix(".csv"))
+    chosen = {(r.method, r.n): (r.setting, r.primary) for r in table.itertuples()}
+    assert chosen == {
+        ("asif", 100): ("k=50, p=8", 0.1),
+        ("asif", 400): ("k=50, p=8", 0.4),
+        ("ridge", 100): ("alpha=10", 0.4),
+        ("ridge", 400): ("alpha=1", 0.6),
+    }
+    markdown = out.with_suffix(".md").read_text()
+    assert "| 400 | 0.400 | 0.600 |" in markdown  # n against the methods, asif first
+    assert (out.parent / "cmp_classification_cifar10.png").stat().st_size > 0

@@ -30,7 +30,7 @@ from asif_exp.methods.shared_space import (
 )
 from asif_exp.options import int_values
 
-DEFAULTS = {"r": [32, 64, 128], "regularization": [0.01, 0.1, 0.3], "template_aggregation": "mean"}
+OPTIONS = ("r", "regularization", "template_aggregation")
 # Below this fraction of the mean eigenvalue a covariance counts as singular.
 SINGULAR = 1e-10
 
@@ -82,7 +82,7 @@ def canonical_fits(
 
 
 def cca_options(cfg) -> tuple[dict, list[int], list[float]]:
-    options = method_options(cfg, DEFAULTS)
+    options = method_options(cfg, OPTIONS)
     rs = int_values("method.r", options["r"])
     if not rs or min(rs) < 1:
         raise ValueError(f"method.r={options['r']}: expected positive integers")

@@ -16,7 +16,7 @@ import torch
 
 from asif_exp.methods.shared_space import Moments, SharedSpace, SharedSpaceMethod, method_options
 
-DEFAULTS = {"template_aggregation": "mean"}
+OPTIONS = ("template_aggregation",)
 # Eigenvalues of the Gram matrix below this fraction of the largest are rounding: dropped.
 RANK_TOLERANCE = 1e-12
 
@@ -35,7 +35,7 @@ def relative_space(moments: Moments) -> SharedSpace:
 
 
 def build(cfg) -> SharedSpaceMethod:
-    options = method_options(cfg, DEFAULTS)
+    options = method_options(cfg, OPTIONS)
 
     def fit(moments: Moments):
         yield {}, relative_space(moments)

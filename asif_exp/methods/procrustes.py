@@ -20,7 +20,7 @@ from asif_exp.methods.shared_space import (
     text_identity,
 )
 
-DEFAULTS = {"template_aggregation": "mean"}
+OPTIONS = ("template_aggregation",)
 
 
 def procrustes_map(moments: Moments) -> torch.Tensor:
@@ -31,7 +31,7 @@ def procrustes_map(moments: Moments) -> torch.Tensor:
 
 
 def build(cfg) -> SharedSpaceMethod:
-    options = method_options(cfg, DEFAULTS)
+    options = method_options(cfg, OPTIONS)
 
     def fit(moments: Moments):
         text_shift, text_matrix = text_identity(moments)

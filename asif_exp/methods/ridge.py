@@ -21,7 +21,7 @@ from asif_exp.methods.shared_space import (
 )
 from asif_exp.options import positive_values
 
-DEFAULTS = {"alpha": [0.1, 1.0, 10.0, 100.0], "template_aggregation": "mean"}
+OPTIONS = ("alpha", "template_aggregation")
 
 
 def ridge_maps(moments: Moments, alphas: list[float]) -> Iterator[tuple[float, torch.Tensor]]:
@@ -35,7 +35,7 @@ def ridge_maps(moments: Moments, alphas: list[float]) -> Iterator[tuple[float, t
 
 
 def build(cfg) -> SharedSpaceMethod:
-    options = method_options(cfg, DEFAULTS)
+    options = method_options(cfg, OPTIONS)
     alphas = positive_values("method.alpha", options["alpha"])
 
     def fit(moments: Moments):

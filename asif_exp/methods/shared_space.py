@@ -233,18 +233,21 @@ class SharedSpaceMethod:
 # ----------------------------------------------------------------------------- config
 
 
-def method_options(cfg, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`cfg.method` less its name, checked against the method's known options (a misspelt key
-    is an error naming it) and completed with `defaults`."""
-    given = {key: value for key, value in cfg.method.items() if key != "name"}
-    unknown = sorted(set(given) - set(defaults))
+def method_options(cfg, known: tuple[str, ...]) -> dict[str, Any]:
+    """`cfg.method` less its name, checked against the method's options (`known`; their values
+    live in conf/method/<name>.yaml): a misspelt or missing key is an error naming it."""
+    options = {key: value for key, value in cfg.method.items() if key != "name"}
+    name = cfg.method.name
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(
-            f"method.{unknown[0]}: not an option of method={cfg.method.name} "
-            f"(its options: {', '.join(sorted(defaults))})"
+            f"method.{unknown[0]}: not an option of method={name} "
+            f"(its options: {', '.join(sorted(known))})"
         )
-    options = {**defaults, **given}
-    if options.get("template_aggregation", "mean") not in AGGREGATION_CHOICES:
+    missing = sorted(set(known) - set(options))
+    if missing:
+        raise ValueError(f"method.{missing[0]}: missing (see conf/method/{name}.yaml)")
+    if options["template_aggregation"] not in AGGREGATION_CHOICES:
         raise ValueError(
             f"method.template_aggregation={options['template_aggregation']!r}: "
             f"expected one of {AGGREGATION_CHOICES}"

@@ -523,8 +523,8 @@ def _slug(model_name: str) -> str:
 # ----------------------------------------------------------------------------- method comparison
 
 METHOD_ORDER = ("asif", "dense_rr", "ridge", "procrustes", "cca", "csa")
-# Per-class lists and the like are left out of tables; these never rank settings.
-_NOT_COMPARED = {"per_class_accuracy", "no_overlap_fraction"}
+# Left out of comparison tables: they never rank settings (no-overlap fractions are ASIF's).
+_NOT_COMPARED = ("per_class_accuracy", "no_overlap_fraction")
 
 
 def load_method_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -534,9 +534,11 @@ def load_method_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
     rows = []
     for file in find_results(paths):
         results = read_results(file)
-        metrics = [m for m in results.scalar_metrics() if m not in _NOT_COMPARED]
+        metrics = [
+            m for m in results.scalar_metrics() if not any(m.endswith(x) for x in _NOT_COMPARED)
+        ]
         for cell in results.cells:
-            others = {k: v for k, v in cell.params.items() if k != "n"}
+            others = {k: v for k, v in cell.params.items() if k not in ("n", "n_used")}
             rows.append(
                 {
                     "method": results.method,
@@ -547,6 +549,7 @@ def load_method_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
                     "vision": results.encoders["vision"]["model_name"],
                     "text": results.encoders["text"]["model_name"],
                     "n": cell.params["n"],
+                    "n_used": cell.params.get("n_used", cell.params["n"]),
                     "setting": ", ".join(f"{k}={v:g}" for k, v in others.items()) or "-",
                     "primary_metric": results.primary_metric,
                     "primary": cell.metrics[results.primary_metric],
@@ -616,6 +619,7 @@ _COMPARISON_COLUMNS = {
     "vision",
     "text",
     "n",
+    "n_used",
     "setting",
     "primary_metric",
     "primary",

@@ -262,7 +262,7 @@ def test_end_to_end_on_the_embedded_default(name, tmp_path, tiny_cache_dir):
     results = run(compose_config(overrides, tmp_path))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["method"] == name and on_disk["task"] == "classification"
-    assert on_disk["headline_params"] == ["n", *HYPER[name]]
+    assert on_disk["headline_params"] == ["n", *HYPER[name], "n_used"]
     grid = {"ridge": 4, "cca": 4, "csa": 4}.get(name, 1)
     assert len(on_disk["cells"]) == 2 * grid
     assert {c["n"] for c in on_disk["cells"]} == {50, 150}

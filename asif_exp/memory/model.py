@@ -1,22 +1,19 @@
-"""What only a memory-based model can do: explain, edit, abstain, count anchor usage, save/load.
+"""The model artifact: an ASIF model is its anchor pairs plus k, p and the options.
 
-An ASIF model is nothing but its anchor pairs (embedded by two frozen encoders) plus k, p and
-the options. So a prediction can be traced to the anchor pairs behind it, pairs can be removed
-or added without retraining, and a query that shares no anchor with any prompt can say
-"unknown". Everything here works on embeddings (from the cache); plots and the Hydra entry
-point live in `asif_exp.explain`.
+`AsifModel` scores as the grid does (the same scoring core), is edited without retraining
+(`keep`, `remove`, `add`: each returns a new model) and is saved and loaded as a checked
+directory (`save_model`, `load_model`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -34,9 +31,8 @@ from asif_exp.methods.asif import (
     streaming_topk,
     unit_rows,
 )
-from asif_exp.tasks.classification import classification_metrics, no_overlap
+from asif_exp.tasks.classification import classification_metrics
 
-UNKNOWN = -1  # the prediction of an abstaining model
 MODEL_FORMAT = "asif_model"
 MODEL_FORMAT_VERSION = 1
 MODEL_META = "model.json"
@@ -289,232 +285,6 @@ class AsifModel:
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> AsifModel:
         return load_model(directory, device)
-
-
-# ----------------------------------------------------------------------------- explain
-
-
-@dataclass
-class Contribution:
-    anchor: int  # position in the model
-    id: str
-    caption: str
-    image_value: float  # the query's relative-representation entry
-    class_value: float  # the class's (or its best prompt's) entry
-    contribution: float  # their product; a class's contributions sum to its score
-
-
-@dataclass
-class ClassExplanation:
-    class_index: int
-    class_name: str
-    score: float
-    target: str  # what the image was compared with: the class mean, or the best prompt
-    contributions: list[Contribution]  # every shared anchor, largest contribution first
-
-
-@dataclass
-class Explanation:
-    predicted: int
-    runner_up: int | None
-    label: int | None
-    no_overlap: bool  # the query shares no anchor with any prompt: every score is 0
-    classes: list[ClassExplanation]  # predicted, runner-up, then the true class if neither
-    anchors_in_query: int  # non-zero entries of the query's representation
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _row(matrix: Tensor, row: int) -> tuple[Tensor, Tensor]:
-    """(column ids, values) of one row of a sparse CSR matrix."""
-    crow = matrix.crow_indices()
-    lo, hi = int(crow[row]), int(crow[row + 1])
-    return matrix.col_indices()[lo:hi], matrix.values()[lo:hi]
-
-
-def _explain_class(model, scored, query, c, prompts) -> ClassExplanation:
-    target = int(scored.best_target(torch.full((len(scored.scores),), c))[query])
-    image_ids, image_values = _row(scored.image_rr, query)
-    target_ids, target_values = _row(scored.targets, target)
-    dense_target = torch.zeros(model.n, dtype=target_values.dtype)
-    dense_target[target_ids] = target_values
-    shared = dense_target[image_ids] != 0
-    ids, image_values = image_ids[shared], image_values[shared]
-    class_values = dense_target[ids]
-    products = image_values * class_values
-    order = products.argsort(descending=True, stable=True)
-    if model.options.template_aggregation == "mean":
-        what = "mean of the class's prompts"
-    else:
-        what = prompts.texts[target] if prompts.texts else f"prompt {target}"
-    return ClassExplanation(
-        class_index=c,
-        class_name=prompts.class_names[c],
-        score=float(scored.scores[query, c]),
-        target=what,
-        contributions=[
-            Contribution(
-                anchor=int(ids[i]),
-                id=model.anchor_ids[int(ids[i])],
-                caption=model.anchor_captions[int(ids[i])],
-                image_value=float(image_values[i]),
-                class_value=float(class_values[i]),
-                contribution=float(products[i]),
-            )
-            for i in order.tolist()
-        ],
-    )
-
-
-def explain(
-    model: AsifModel, image_embedding: Tensor, prompts: Prompts, label: int | None = None
-) -> Explanation:
-    """The anchor pairs behind one query's prediction and its runner-up.
-
-    A class's score is the dot product of two sparse vectors, so it splits exactly over the
-    anchors that are non-zero in both: those are the pairs that drove the prediction.
-    """
-    query = image_embedding.reshape(1, -1)
-    scored = model.score(query, prompts)
-    scores = scored.scores[0]
-    # Class order as argmax breaks ties: higher score first, then lower class index.
-    ranked = sorted(range(len(scores)), key=lambda c: (-float(scores[c]), c))
-    shown = ranked[:2] + ([label] if label is not None and label not in ranked[:2] else [])
-    return Explanation(
-        predicted=ranked[0],
-        runner_up=ranked[1] if len(ranked) > 1 else None,
-        label=label,
-        no_overlap=bool(no_overlap(scored.scores)[0]),
-        classes=[_explain_class(model, scored, 0, c, prompts) for c in shown],
-        anchors_in_query=int(scored.image_rr.values().ne(0).sum()),
-    )
-
-
-# ----------------------------------------------------------------------------- abstain
-
-
-def abstain(scores: Tensor, threshold: float | None = None) -> Tensor:
-    """Predictions, with `UNKNOWN` where nothing overlaps or the best score is under `threshold`."""
-    predictions = scores.argmax(dim=1)  # ties to the lower class, as everywhere else
-    unknown = no_overlap(scores)
-    if threshold is not None:
-        unknown |= scores.max(dim=1).values < threshold
-    return predictions.masked_fill(unknown, UNKNOWN)
-
-
-def coverage_curve(
-    scores: Tensor, labels: Tensor, thresholds: Sequence[float | None] | None = None, num: int = 50
-) -> list[dict]:
-    """Accuracy on the answered queries, against coverage, as the abstention threshold moves.
-
-    Default thresholds: none (only no-overlap queries abstain), then quantiles of the best
-    scores, so coverage runs from full to ~0. `accuracy` counts only answered queries (None
-    when none is answered); `accuracy_all` counts "unknown" as wrong.
-    """
-    best = scores.max(dim=1).values
-    if thresholds is None:
-        quantiles = torch.linspace(0, 1, num, dtype=torch.double)
-        thresholds = [None, *sorted(set(torch.quantile(best.double(), quantiles).tolist()))]
-    rows = []
-    for threshold in thresholds:
-        predictions = abstain(scores, threshold)
-        answered = predictions != UNKNOWN
-        correct = int((predictions[answered] == labels[answered]).sum())
-        covered = int(answered.sum())
-        rows.append(
-            {
-                "threshold": None if threshold is None else float(threshold),
-                "coverage": covered / len(labels),
-                "accuracy": correct / covered if covered else None,
-                "accuracy_all": correct / len(labels),
-                "answered": covered,
-                "correct": correct,
-                "no_overlap": int(no_overlap(scores).sum()),
-            }
-        )
-    return rows
-
-
-# ----------------------------------------------------------------------------- anchor usage
-
-
-@dataclass
-class AnchorUsage:
-    """How many queries (or prompts) use each anchor."""
-
-    image_topk: Tensor  # (n,) queries whose top-k includes the anchor
-    prompt_topk: Tensor  # (n,) prompts whose top-k includes it
-    explanation: Tensor  # (n,) queries whose predicted-class score it contributes to
-    queries: int
-
-    def summary(self) -> dict:
-        return {
-            "queries": self.queries,
-            "image_topk": usage_summary(self.image_topk),
-            "explanation": usage_summary(self.explanation),
-            "prompt_topk": usage_summary(self.prompt_topk),
-            "used_by_images_or_prompts": int(((self.image_topk + self.prompt_topk) > 0).sum()),
-        }
-
-
-def anchor_usage(model: AsifModel, image_embeddings: Tensor, prompts: Prompts) -> AnchorUsage:
-    scored = model.score(image_embeddings, prompts)
-    image = scored.image_rr.to_sparse_coo().coalesce()
-    query_of, anchor_of = image.indices()
-    nonzero = image.values() != 0
-    image_topk = torch.bincount(anchor_of[nonzero], minlength=model.n)
-    prompt_rr = model.prompt_representations(prompts.embeddings)
-    prompt_topk = torch.bincount(
-        prompt_rr.col_indices()[prompt_rr.values() != 0], minlength=model.n
-    )
-    # An anchor explains query i when it is non-zero in both i's representation and the
-    # representation of i's predicted class (its best prompt under "max").
-    winners = scored.best_target(scored.scores.argmax(dim=1))
-    targets = scored.targets.to_sparse_coo().coalesce()
-    target_keys = targets.indices()[0] * model.n + targets.indices()[1]
-    target_keys = target_keys[targets.values() != 0]
-    query_keys = winners[query_of] * model.n + anchor_of
-    shared = torch.isin(query_keys, target_keys) & nonzero
-    explanation = torch.bincount(anchor_of[shared], minlength=model.n)
-    return AnchorUsage(image_topk, prompt_topk, explanation, len(image_embeddings))
-
-
-def usage_summary(counts: Tensor) -> dict:
-    """Shape of a usage distribution: how many anchors are used, how concentrated the use is."""
-    counts = counts.double()
-    total = float(counts.sum())
-    ordered = counts.sort(descending=True).values
-    top_decile = ordered[: max(1, math.ceil(len(ordered) / 10))].sum()
-    # Gini coefficient: 0 when every anchor is used equally, towards 1 when a few take all.
-    ascending = ordered.flip(0)
-    ranks = torch.arange(1, len(counts) + 1, dtype=torch.double)
-    gini = (
-        float(((2 * ranks - len(counts) - 1) * ascending).sum() / (len(counts) * total))
-        if total
-        else 0.0
-    )
-    quantiles = torch.quantile(counts, torch.tensor([0.5, 0.9, 0.99], dtype=torch.double)).tolist()
-    return {
-        "anchors": len(counts),
-        "used": int((counts > 0).sum()),
-        "unused": int((counts == 0).sum()),
-        "unused_fraction": float((counts == 0).double().mean()),
-        "total_uses": int(total),
-        "max": int(ordered[0]),
-        "median": quantiles[0],
-        "p90": quantiles[1],
-        "p99": quantiles[2],
-        "top10pct_share": float(top_decile / total) if total else 0.0,
-        "gini": gini,
-    }
-
-
-def prune_unused(model: AsifModel, counts: Tensor) -> AsifModel:
-    """The model without the anchors whose count is 0."""
-    if not bool((counts > 0).any()):
-        raise ValueError("no anchor is used: pruning would leave an empty model")
-    return model.keep(counts > 0)
 
 
 # ----------------------------------------------------------------------------- artifact

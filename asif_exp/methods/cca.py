@@ -90,7 +90,9 @@ def cca_options(cfg) -> tuple[dict, list[int], list[float]]:
     return options, rs, regularizations
 
 
-def build(cfg) -> SharedSpaceMethod:
+def canonical_method(cfg, name: str, weighted: bool, description: str) -> SharedSpaceMethod:
+    """CCA's shared space; `weighted`: each canonical dimension's product weighted by its
+    correlation on the anchors (CSA)."""
     options, rs, regularizations = cca_options(cfg)
 
     def fit(moments: Moments):
@@ -99,15 +101,25 @@ def build(cfg) -> SharedSpaceMethod:
                 yield params, fitted
                 continue
             space = SharedSpace(
-                moments.mean_x, fitted.image_directions, moments.mean_y, fitted.text_directions
+                moments.mean_x,
+                fitted.image_directions,
+                moments.mean_y,
+                fitted.text_directions,
+                weights=fitted.anchor_correlations if weighted else None,
             )
             yield params, space
 
     return SharedSpaceMethod(
-        "cca",
+        name,
         fit,
         {"r": rs, "regularization": regularizations},
         options["template_aggregation"],
         cfg.device,
-        "first r canonical dimensions (centred, shrunk covariances), cosine",
+        description,
+    )
+
+
+def build(cfg) -> SharedSpaceMethod:
+    return canonical_method(
+        cfg, "cca", False, "first r canonical dimensions (centred, shrunk covariances), cosine"
     )

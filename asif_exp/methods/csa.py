@@ -9,32 +9,14 @@ regularization = 0. Options as for `method=cca`.
 
 from __future__ import annotations
 
-from asif_exp.methods.cca import canonical_fits, cca_options
-from asif_exp.methods.shared_space import Moments, SharedSpace, SharedSpaceMethod
+from asif_exp.methods.cca import canonical_method
+from asif_exp.methods.shared_space import SharedSpaceMethod
 
 
 def build(cfg) -> SharedSpaceMethod:
-    options, rs, regularizations = cca_options(cfg)
-
-    def fit(moments: Moments):
-        for params, fitted in canonical_fits(moments, rs, regularizations):
-            if isinstance(fitted, str):
-                yield params, fitted
-                continue
-            space = SharedSpace(
-                moments.mean_x,
-                fitted.image_directions,
-                moments.mean_y,
-                fitted.text_directions,
-                weights=fitted.anchor_correlations,
-            )
-            yield params, space
-
-    return SharedSpaceMethod(
+    return canonical_method(
+        cfg,
         "csa",
-        fit,
-        {"r": rs, "regularization": regularizations},
-        options["template_aggregation"],
-        cfg.device,
+        True,
         "first r canonical dimensions, unit vectors, products weighted by correlation",
     )

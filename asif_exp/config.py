@@ -71,7 +71,9 @@ class AnchorsConfig:
 @dataclass
 class BenchmarkConfig:
     name: str = MISSING
-    loader: str = MISSING  # synthetic, image_folder, labels_csv, hf, torchvision
+    # labelled images: synthetic, image_folder, labels_csv, hf, torchvision, class_index_folder;
+    # image-caption pairs (retrieval): jsonl, csv
+    loader: str = MISSING
     root: str | None = None
     split: str = "test"
     class_names: str | None = None  # built-in list (asif_exp/prompts/classnames); None: from data
@@ -98,6 +100,13 @@ class BenchmarkConfig:
     num_samples: int = 400
     image_size: int = 224
     label_attribute: str = "shape"
+    # image-caption pairs (loader jsonl or csv): a retrieval benchmark, as anchors are read
+    path: str | None = None  # the pairs file
+    image_root: str | None = None  # folder the image paths are relative to (null: the file's)
+    caption_column: str = "caption"
+    splits: list[str] | None = None  # keep records whose `split_column` is one of these
+    split_column: str = "split"
+    limit: int | None = None  # keep the first `limit` pairs (after `splits`), in file order
 
 
 @dataclass

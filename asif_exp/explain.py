@@ -39,7 +39,14 @@ from asif_exp.config import (
     PathsConfig,
     RunConfig,
 )
-from asif_exp.data import AnchorSet, Benchmark, DataError, load_anchors, load_benchmark
+from asif_exp.data import (
+    AnchorSet,
+    Benchmark,
+    CaptionedBenchmark,
+    DataError,
+    load_anchors,
+    load_benchmark,
+)
 from asif_exp.memory import (
     AsifModel,
     Prompts,
@@ -194,6 +201,11 @@ def load_workspace(cfg: DictConfig) -> Workspace:
             _encoders(cfg),
         )
     benchmark = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    if isinstance(benchmark, CaptionedBenchmark):
+        raise ValueError(
+            f"benchmark={benchmark.name} is image-caption pairs (a retrieval benchmark); "
+            "explain needs labelled images (e.g. benchmark=cifar10)"
+        )
     images, kept, _ = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
     targets = class_prompt_targets(embedder, benchmark)
     prompts = Prompts(targets.embeddings, targets.groups, targets.group_names, targets.texts)

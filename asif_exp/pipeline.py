@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from asif_exp.data import (
     AnchorSet,
     Benchmark,
+    CaptionedBenchmark,
     DataError,
+    Subset,
     load_anchors,
     load_benchmark,
     readable_in_prefixes,
@@ -29,7 +31,7 @@ from asif_exp.data import (
 from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key, refuse_bad_images
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
 from asif_exp.methods.base import Method, MethodReport, load_method
-from asif_exp.options import anchor_prefixes, check_config
+from asif_exp.options import ConfigError, anchor_prefixes, check_config
 from asif_exp.problem import EmbeddedProblem, Targets
 from asif_exp.results import (
     RESULTS_FILE,
@@ -86,6 +88,10 @@ class Embedder:
         identity = image_cache_identity(vision, source)
 
         def compute():
+            sliced = self._slice_of_cached_parent(source)
+            if sliced is not None:
+                log.info("%s: taken from the cached embeddings of its full set", description)
+                return sliced
             embeddings, kept, failures = encode_images(
                 self.image_encoder(),
                 source,
@@ -113,6 +119,30 @@ class Embedder:
                 first["error"],
             )
         return tensors["embeddings"], tensors["kept"].tolist(), failures
+
+    def _slice_of_cached_parent(self, source) -> tuple[dict, dict] | None:
+        """A subset's entry cut from its full set's cached entry (a class-balanced subset, a
+        half of the authors' split): an image's embedding does not depend on which other images
+        are encoded with it. None when the full set is not cached. The full set's failures that
+        fall in the subset come along (and are refused or skipped as `data.on_bad_image` says)."""
+        if not isinstance(source, Subset):
+            return None
+        parent = self.cache.load(image_cache_identity(self.cfg.encoder.vision, source.source))
+        if parent is None:
+            return None
+        tensors, extra = parent
+        row_of = {position: row for row, position in enumerate(tensors["kept"].tolist())}
+        kept = [i for i, position in enumerate(source.indices) if position in row_of]
+        failed = {
+            source.ids[i] for i, position in enumerate(source.indices) if position not in row_of
+        }
+        if not kept:
+            return None
+        rows = [row_of[source.indices[i]] for i in kept]
+        failures = [f for f in extra.get("failures", []) if f["id"] in failed]
+        return {"embeddings": tensors["embeddings"][rows], "kept": torch.tensor(kept)}, {
+            "failures": failures
+        }
 
     def texts(self, texts: list[str], description: str) -> torch.Tensor:
         identity = text_cache_identity(self.cfg.encoder.text, texts)
@@ -153,19 +183,47 @@ def class_prompt_targets(embedder: Embedder, benchmark: Benchmark) -> Targets:
     )
 
 
+def caption_targets(
+    embedder: Embedder, benchmark: CaptionedBenchmark, kept: list[int]
+) -> tuple[Targets, torch.Tensor, dict]:
+    """The captions of the readable images, each its own target; the image (row among the
+    readable images) of each caption; and what the results record about them."""
+    row_of = {image: row for row, image in enumerate(kept)}
+    used = [j for j, image in enumerate(benchmark.caption_image) if image in row_of]
+    embeddings = embedder.texts(benchmark.captions, f"captions {benchmark.name}")
+    targets = Targets([benchmark.captions[j] for j in used], embeddings[used])
+    truth = torch.tensor([row_of[benchmark.caption_image[j]] for j in used], dtype=torch.long)
+    details = {
+        "captions": len(benchmark.captions),
+        "captions_used": len(used),
+        "repeated_pairs": benchmark.repeated_pairs,
+    }
+    return targets, truth, details
+
+
 def embed_problem(
-    cfg: DictConfig, embedder: Embedder, anchors: AnchorSet, benchmark: Benchmark
+    cfg: DictConfig,
+    embedder: Embedder,
+    anchors: AnchorSet,
+    benchmark: Benchmark | CaptionedBenchmark,
 ) -> EmbeddedProblem:
-    """Anchors, benchmark images, class prompts and labels, embedded (from the cache if there)."""
+    """Anchors, benchmark images and their targets, embedded (from the cache if there): class
+    prompts and labels for a labelled benchmark, captions and each caption's image for a
+    benchmark of image-caption pairs."""
     anchor = embed_anchors(embedder, anchors)
     images, kept, failures = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
-    targets = class_prompt_targets(embedder, benchmark)
+    if isinstance(benchmark, CaptionedBenchmark):
+        targets, truth, details = caption_targets(embedder, benchmark, kept)
+    else:
+        targets = class_prompt_targets(embedder, benchmark)
+        truth = torch.tensor(benchmark.labels)[kept]
+        details = {"class_names": benchmark.class_names, "templates": benchmark.templates}
     return EmbeddedProblem(
         anchor_images=anchor.images,
         anchor_texts=anchor.texts,
         images=images,
         targets=targets,
-        truth=torch.tensor(benchmark.labels)[kept],
+        truth=truth,
         cache_keys=tuple(embedder.keys),
         anchor_positions=anchor.kept,
         info={
@@ -177,14 +235,25 @@ def embed_problem(
                 {"repeated_pairs": anchors.repeats},
             ),
             "benchmark": DataSummary(
-                benchmark.name,
-                len(benchmark.labels),
-                len(kept),
-                failures,
-                {"class_names": benchmark.class_names, "templates": benchmark.templates},
+                benchmark.name, len(benchmark.images), len(kept), failures, details
             ),
         },
     )
+
+
+def check_task_fits_benchmark(task: Task, benchmark: Benchmark | CaptionedBenchmark) -> None:
+    """A task scores what its benchmark provides: class prompts (labelled images) or captions."""
+    captioned = isinstance(benchmark, CaptionedBenchmark)
+    if task.targets == "captions" and not captioned:
+        raise ConfigError(
+            f"task={task.name} needs a benchmark of image-caption pairs (benchmark.loader jsonl "
+            f"or csv, e.g. benchmark=flickr8k); benchmark={benchmark.name} is labelled images"
+        )
+    if task.targets == "class_prompts" and captioned:
+        raise ConfigError(
+            f"task={task.name} needs labelled images; benchmark={benchmark.name} is image-caption "
+            "pairs: use task=retrieval"
+        )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -283,6 +352,7 @@ def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
 
     anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
     benchmark = load_benchmark(cfg.benchmark, cfg.paths.data_root)
+    check_task_fits_benchmark(task, benchmark)
     listed_ns = anchor_prefixes(cfg.asif.n, len(anchors.captions))  # n = null: all listed
     method.check(listed_ns)  # before any encoding
 
@@ -371,18 +441,24 @@ def summary_table(results: RunResults | dict, max_rows: int = 20) -> str:
     metrics = results.scalar_metrics()
     bench = results.benchmark
     classes = bench.details.get("class_names")
+    if classes:
+        contents = f", {len(classes)} classes, chance {1 / len(classes):.3f}"
+    elif "captions_used" in bench.details:
+        contents = f", {bench.details['captions_used']} captions"
+    else:
+        contents = ""
+    # Headers without the task's prefix (retrieval.image_to_text.R@1 -> image_to_text.R@1).
+    prefix = f"{results.task}."
+    headers = [m[len(prefix) :] if m.startswith(prefix) else m for m in metrics]
+    widths = [max(9, len(h)) for h in params + headers]
     lines = [
         f"{results.method}  anchors={results.anchors.name} ({results.anchors.used} pairs)  "
-        f"benchmark={bench.name} ({bench.used} images"
-        + (f", {len(classes)} classes, chance {1 / len(classes):.3f})" if classes else ")"),
-        " ".join(f"{name:>9}" for name in params + metrics),
+        f"benchmark={bench.name} ({bench.used} images{contents})",
+        " ".join(f"{h:>{w}}" for h, w in zip(params + headers, widths, strict=True)),
     ]
     for r in rows[:max_rows]:
-        lines.append(
-            " ".join(f"{r[name]:>9g}" for name in params)
-            + " "
-            + " ".join(f"{r[name]:>9.4f}" for name in metrics)
-        )
+        values = [f"{r[name]:g}" for name in params] + [f"{r[name]:.4f}" for name in metrics]
+        lines.append(" ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True)))
     if len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more cells in results.json")
     return "\n".join(lines)

@@ -144,13 +144,17 @@ def _variant(results: RunResults) -> str:
 
 
 def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per grid cell of every results.json; a cell computed twice keeps the newest."""
+    """One row per grid cell of every results.json, with the cell's scalar metrics (top1, ...
+    for classification; retrieval.* for retrieval; absent metrics are NaN); a cell computed
+    twice keeps the newest."""
     rows = []
     for file in find_results(paths):
         results = read_results(file)
         config = results.config
         bench_cfg = config.get("benchmark", {})
+        class_names = results.benchmark.details.get("class_names")
         common = {
+            "task": results.task,
             "vision": results.encoders["vision"]["model_name"],
             "text": results.encoders["text"]["model_name"],
             "anchors": results.anchors.name,
@@ -160,17 +164,18 @@ def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
             "split": bench_cfg.get("authors_split") or "all",
             "variant": _variant(results),
             "images": results.benchmark.used,
-            "classes": len(results.benchmark.details["class_names"]),
+            "classes": len(class_names) if class_names else 0,  # 0: not a labelled benchmark
             "sweep_name": config.get("sweep_name"),
             "path": str(file),
             "mtime": file.stat().st_mtime,
         }
+        metrics = results.scalar_metrics()
         for cell in results.rows():
             rows.append(
                 {
                     **common,
-                    **{key: cell[key] for key in ("n", "k", "p", "top1", "top5")},
-                    "mean_per_class_recall": cell.get("mean_per_class_recall"),
+                    **{key: cell[key] for key in ("n", "k", "p")},
+                    **{key: cell[key] for key in metrics},
                 }
             )
     if not rows:
@@ -231,6 +236,14 @@ def select_cells(
     return pd.DataFrame(chosen).reset_index(drop=True)
 
 
+def _classification(cells: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 is zero-shot classification: the cells of other tasks (retrieval) are left out."""
+    classification = cells[cells["task"] == "classification"]
+    if classification.empty:
+        raise ValueError("no classification results among the cells: Table 1 has nothing to show")
+    return classification
+
+
 def _filter(group: pd.DataFrame, n, k, p) -> pd.DataFrame:
     for column, value in (("n", n), ("k", k), ("p", p)):
         if value is not None:
@@ -238,8 +251,8 @@ def _filter(group: pd.DataFrame, n, k, p) -> pd.DataFrame:
     return group
 
 
-def _best(candidates: pd.DataFrame) -> pd.Series:
-    ranked = candidates.sort_values(["top1", "n", "k", "p"], ascending=[False, False, True, True])
+def _best(candidates: pd.DataFrame, metric: str = "top1") -> pd.Series:
+    ranked = candidates.sort_values([metric, "n", "k", "p"], ascending=[False, False, True, True])
     return ranked.iloc[0]
 
 
@@ -271,7 +284,7 @@ def _paper_label(paper: PaperRow) -> str:
 
 def build_table1(cells: pd.DataFrame, n=None, k=None, p=None) -> Table1:
     """Our top-1 (%) beside the paper's (every published version), with the differences."""
-    selected = select_cells(cells, n, k, p)
+    selected = select_cells(_classification(cells), n, k, p)
     columns = [b for b in PAPER_BENCHMARKS if b in set(selected["benchmark"])]
     columns += sorted(set(selected["benchmark"]) - set(columns))
     paper_columns = any(b in PAPER_BENCHMARKS for b in columns)
@@ -454,11 +467,30 @@ def write_table1(table: Table1, out_stem: str | Path, title: str = "Table 1") ->
 # ----------------------------------------------------------------------------- Figure 4
 
 
+# The metric Figure 4 plots for each task unless told otherwise.
+FIGURE4_METRICS = {"classification": "top1", "retrieval": "retrieval.mean_recall"}
+
+
+def _metric_label(metric: str) -> str:
+    if metric == "top1":
+        return "zero-shot top-1 (%)"
+    label = metric.removeprefix("retrieval.").replace("image_to_text.", "image->text ")
+    return label.replace("text_to_image.", "text->image ").replace("_", " ") + " (%)"
+
+
 def figure4(
-    cells: pd.DataFrame, out_dir: str | Path, split: str | None = None, stem: str = "fig4"
+    cells: pd.DataFrame,
+    out_dir: str | Path,
+    split: str | None = None,
+    stem: str = "fig4",
+    metric: str | None = None,
 ) -> list[Path]:
-    """Top-1 against the number of anchor pairs n (log axis) for every setup with several n:
-    (a) one curve per k at the best p, (b) one curve per p at the best k. PNG and PDF."""
+    """A metric against the number of anchor pairs n (log axis) for every setup with several n:
+    (a) one curve per k at the best p, (b) one curve per p at the best k. PNG and PDF.
+
+    `metric`: a cell metric (e.g. "retrieval.text_to_image.R@10"), plotted for the setups that
+    have it; None: each setup's task's own (`FIGURE4_METRICS`: top-1, retrieval mean recall).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -470,10 +502,11 @@ def figure4(
     for setup, group in cells.groupby(SETUP + ["split"], sort=True, dropna=False):
         if split is not None and setup[-1] != split:
             continue
-        if group["n"].nunique() < 2:
+        plotted = metric or FIGURE4_METRICS.get(group["task"].iloc[0], "top1")
+        if plotted not in group or group[plotted].isna().any() or group["n"].nunique() < 2:
             continue
         largest = group[group["n"] == group["n"].max()]
-        best = _best(largest)
+        best = _best(largest, plotted)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
         ns = sorted(group["n"].unique())
         for axis, (fixed, fixed_value, varied) in zip(
@@ -482,8 +515,10 @@ def figure4(
             panel = group[group[fixed] == fixed_value]
             for value, curve in panel.groupby(varied):
                 curve = curve.sort_values("n")
-                axis.plot(curve["n"], 100 * curve["top1"], marker="o", label=f"{varied}={value:g}")
-            axis.axhline(100 / group["classes"].iloc[0], color="grey", ls=":", lw=1, label="chance")
+                axis.plot(curve["n"], 100 * curve[plotted], marker="o", label=f"{varied}={value:g}")
+            if plotted == "top1" and group["classes"].iloc[0]:
+                chance = 100 / group["classes"].iloc[0]
+                axis.axhline(chance, color="grey", ls=":", lw=1, label="chance")
             axis.set_xscale("log")
             axis.set_xticks(ns, [f"{n:,}" for n in ns], fontsize=8)  # the grid's n, not 10^x
             axis.minorticks_off()
@@ -491,7 +526,7 @@ def figure4(
             axis.set_title(f"curves over {varied}, {fixed}={fixed_value:g}")
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(title=varied, fontsize=8)
-        axes[0].set_ylabel("zero-shot top-1 (%)")
+        axes[0].set_ylabel(_metric_label(plotted))
         row = group.iloc[0]
         split_note = "" if row["split"] == "all" else f", {row['split']} half"
         fig.suptitle(
@@ -506,13 +541,17 @@ def figure4(
         name = f"{stem}_{encoders}_{row['anchors']}_{row['benchmark']}"
         if row["split"] != "all":
             name += f"_{row['split']}"
+        if plotted != "top1":
+            name += "_" + _slug(plotted.removeprefix("retrieval.")).replace("@", "")
         for suffix in (".png", ".pdf"):
             path = out_dir / f"{name}{suffix}"
             fig.savefig(path, dpi=150)
             written.append(path)
         plt.close(fig)
     if not written:
-        raise ValueError("no setup with results for several n: nothing to plot for Figure 4")
+        raise ValueError(
+            f"no setup with {metric or 'its task metric'} for several n: nothing to plot"
+        )
     return written
 
 

@@ -2,10 +2,10 @@
 
 A W&B run gets: the resolved config; one logged step per cell (its parameters and metrics);
 the headline numbers in its summary; every cell as a `wandb.Table` ("results"); and, for an
-ASIF grid with several n, Figure 4's curves as line plots (top-1 against n, one line per k at
-the best p, and one per p at the best k). Runs of a sweep share a group (`logger.group`,
-default `sweep_name`) and carry
-tags naming the encoders, anchors and benchmark. Everything works with WANDB_MODE=offline.
+ASIF grid with several n, Figure 4's curves as line plots (the task's primary metric against n,
+one line per k at the best p, and one per p at the best k). Runs of a sweep share a group
+(`logger.group`, default `sweep_name`) and carry tags naming the encoders, anchors and
+benchmark. Everything works with WANDB_MODE=offline.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from asif_exp.results import RunResults
 
 log = logging.getLogger(__name__)
 
-FIGURE4_KEYS = {"n", "k", "p", "top1"}
+GRID_KEYS = {"n", "k", "p"}  # ASIF's grid: Figure 4's curves plot the primary metric against n
 
 
 class NullTracker:
@@ -26,15 +26,15 @@ class NullTracker:
         pass
 
 
-def figure4_series(cells: list[dict]) -> list[dict]:
-    """Figure 4's curves from a grid: [{name, title, xs: [[n...]], ys: [[top1...]], keys}].
+def figure4_series(cells: list[dict], metric: str = "top1") -> list[dict]:
+    """Figure 4's curves from a grid: [{name, title, xs: [[n...]], ys: [[metric...]], keys}].
 
     Empty when the grid has a single n (nothing to draw against n).
     """
     ns = sorted({c["n"] for c in cells})
     if len(ns) < 2:
         return []
-    best = max((c for c in cells if c["n"] == ns[-1]), key=lambda c: (c["top1"], -c["k"], -c["p"]))
+    best = max((c for c in cells if c["n"] == ns[-1]), key=lambda c: (c[metric], -c["k"], -c["p"]))
     series = []
     for fixed, varied in (("p", "k"), ("k", "p")):
         values = sorted({c[varied] for c in cells if c[fixed] == best[fixed]})
@@ -42,15 +42,15 @@ def figure4_series(cells: list[dict]) -> list[dict]:
         for value in values:
             # Cells with k > n were skipped: each line has its own xs.
             line = sorted(
-                (c["n"], c["top1"]) for c in cells if c[fixed] == best[fixed] and c[varied] == value
+                (c["n"], c[metric]) for c in cells if c[fixed] == best[fixed] and c[varied] == value
             )
             xs.append([n for n, _ in line])
-            ys.append([top1 for _, top1 in line])
+            ys.append([y for _, y in line])
             keys.append(f"{varied}={value:g}")
         series.append(
             {
                 "name": f"fig4_{varied}_curves",
-                "title": f"top-1 vs n, curves over {varied} ({fixed}={best[fixed]:g})",
+                "title": f"{metric} vs n, curves over {varied} ({fixed}={best[fixed]:g})",
                 "xs": xs,
                 "ys": ys,
                 "keys": keys,
@@ -79,8 +79,8 @@ class WandbTracker:
             self.run.log({c: row.get(c) for c in columns}, step=step)
             table.add_data(*setup, *[row.get(c) for c in columns])
         extra = {"results": table}
-        if FIGURE4_KEYS <= set(rows[0]):  # ASIF's (n, k, p) grid, classification
-            for curve in figure4_series(rows):
+        if GRID_KEYS <= set(rows[0]):  # ASIF's (n, k, p) grid
+            for curve in figure4_series(rows, results.primary_metric):
                 extra[curve["name"]] = wandb.plot.line_series(
                     xs=curve["xs"],
                     ys=curve["ys"],

@@ -99,3 +99,25 @@ def test_failed_compute_leaves_no_entry(tmp_path):
         pass
     assert not cache.path(IDENTITY).exists()
     assert not list(cache.root.glob(".staging-*")) if cache.root.exists() else True
+
+
+def test_a_subset_is_cut_from_its_cached_full_set_without_encoding(tmp_path, monkeypatch):
+    from conftest import TINY, compose_config
+
+    from asif_exp import pipeline
+    from asif_exp.data import Subset, load_benchmark
+
+    cfg = compose_config([*TINY, f"paths.cache_dir={tmp_path}"])
+    full = load_benchmark(cfg.benchmark, cfg.paths.data_root).images
+    embeddings, kept, _ = pipeline.Embedder(cfg).images(full, "full")
+
+    def no_encoder(*args):
+        raise AssertionError("the subset was encoded again")
+
+    monkeypatch.setattr(pipeline, "ImageEncoder", no_encoder)
+    indices = [40, 3, 17, 3]
+    subset_embeddings, subset_kept, failures = pipeline.Embedder(cfg).images(
+        Subset(full, indices), "subset"
+    )
+    assert subset_kept == [0, 1, 2, 3] and failures == []
+    assert torch.equal(subset_embeddings, embeddings[[kept.index(i) for i in indices]])

@@ -204,6 +204,37 @@ class Benchmark:
         return texts, classes
 
 
+@dataclass
+class CaptionedBenchmark:
+    """A retrieval benchmark: images, each with its captions (Flickr8k test: 1,000 x 5).
+
+    Images are the distinct images of the pairs in order of first appearance; captions are every
+    pair's caption in pair order; `caption_image[j]` is the index of caption j's image.
+    """
+
+    name: str
+    images: object  # an image source, one entry per distinct image
+    captions: list[str]
+    caption_image: list[int]
+    repeated_pairs: int = 0  # pairs listed twice (kept: each is a caption to retrieve)
+
+
+def captioned_benchmark(pairs: AnchorSet) -> CaptionedBenchmark:
+    """Any image-caption pairs as a retrieval benchmark, grouping the pairs by image id."""
+    position: dict[str, int] = {}
+    first: list[int] = []  # the first pair of each distinct image
+    caption_image = []
+    for i, image_id in enumerate(pairs.images.ids):
+        if image_id not in position:
+            position[image_id] = len(first)
+            first.append(i)
+        caption_image.append(position[image_id])
+    images = pairs.images if len(first) == len(pairs.captions) else Subset(pairs.images, first)
+    return CaptionedBenchmark(
+        pairs.name, images, list(pairs.captions), caption_image, len(pairs.repeated_pairs())
+    )
+
+
 def resolve_path(path: str | None, data_root: str, what: str) -> Path:
     if not path:
         raise DataError(f"{what}: no path configured")

@@ -1,4 +1,5 @@
-"""Image-caption pairs listed in a .jsonl or .csv file, images on disk."""
+"""Image-caption pairs listed in a .jsonl or .csv file, images on disk: anchors, or a retrieval
+benchmark."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ import csv
 import json
 from pathlib import Path
 
-from asif_exp.data.common import AnchorSet, DataError, ImageFiles, resolve_path
-from asif_exp.data.registry import anchor_loader
+from asif_exp.data.common import (
+    AnchorSet,
+    CaptionedBenchmark,
+    DataError,
+    ImageFiles,
+    captioned_benchmark,
+    resolve_path,
+)
+from asif_exp.data.registry import anchor_loader, captioned_benchmark_loader
 
 
 def _jsonl_records(path: Path, handle) -> list[tuple[int, dict]]:
@@ -87,32 +95,37 @@ def _read_pairs_file(path: Path, cfg) -> list[tuple[int, dict]]:
 
 
 def _select_splits(
-    records: list[tuple[int, dict]], splits: list[str], column: str, path: Path
+    records: list[tuple[int, dict]], splits: list[str], column: str, path: Path, group: str
 ) -> list[tuple[int, dict]]:
     """The records whose `column` is one of `splits`, in file order."""
     found = set()
     for line, row in records:
         if column not in row:
             raise DataError(
-                f"{path}, line {line}: no {column!r} field (anchors.splits={splits} needs it)"
+                f"{path}, line {line}: no {column!r} field ({group}.splits={splits} needs it)"
             )
         found.add(row[column])
     unknown = sorted(set(splits) - found)
     if unknown:
-        raise DataError(f"{path}: anchors.splits {unknown} not found; the file has {sorted(found)}")
+        raise DataError(f"{path}: {group}.splits {unknown} not found; the file has {sorted(found)}")
     return [(line, row) for line, row in records if row[column] in splits]
 
 
 @anchor_loader("jsonl", "csv")
-def pairs_file_anchors(cfg, data_root: str) -> AnchorSet:
-    path = resolve_path(cfg.path, data_root, f"anchors {cfg.name}")
+def pairs_file_anchors(cfg, data_root: str, group: str = "anchors") -> AnchorSet:
+    """The pairs listed in a .jsonl/.csv file (`cfg.path`), `cfg.splits` only, in file order.
+
+    `group` is the config group being read (anchors, or benchmark for a retrieval benchmark),
+    so that errors name the right keys.
+    """
+    path = resolve_path(cfg.path, data_root, f"{group} {cfg.name}")
     rows = _read_pairs_file(path, cfg)
     if cfg.splits is not None:
-        rows = _select_splits(rows, list(cfg.splits), cfg.split_column, path)
+        rows = _select_splits(rows, list(cfg.splits), cfg.split_column, path, group)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     image_root = (
-        resolve_path(cfg.image_root, data_root, f"anchors {cfg.name} images")
+        resolve_path(cfg.image_root, data_root, f"{group} {cfg.name} images")
         if cfg.image_root
         else path.parent
     )
@@ -122,3 +135,16 @@ def pairs_file_anchors(cfg, data_root: str) -> AnchorSet:
             raise DataError(f"{path}, line {line}: image file not found: {image}")
     images = ImageFiles(image_root, [str(r[cfg.image_column]) for _, r in rows])
     return AnchorSet(cfg.name, images, [str(r[cfg.caption_column]) for _, r in rows])
+
+
+@captioned_benchmark_loader("jsonl", "csv")
+def pairs_file_benchmark(cfg, data_root: str) -> CaptionedBenchmark:
+    """A pairs file read as anchors are (path, image_root, image/caption columns, splits,
+    limit), as a retrieval benchmark."""
+    for key in ("subset", "authors_split"):
+        if cfg.get(key) is not None:
+            raise DataError(
+                f"benchmark.{key}={cfg[key]}: applies to labelled images; benchmark {cfg.name} is "
+                "image-caption pairs (select them with benchmark.splits and benchmark.limit)"
+            )
+    return captioned_benchmark(pairs_file_anchors(cfg, data_root, group="benchmark"))

@@ -3,8 +3,9 @@
 An anchor loader is `(cfg, data_root) -> AnchorSet`. A benchmark loader is
 `(cfg, data_root, class_names) -> (images, labels, class_names)`, where `class_names` is the
 configured built-in list or None; the class-balanced subset, the authors' split and the
-templates are applied here, the same for every kind. A new kind is one decorated function in
-the module of its source.
+templates are applied here, the same for every kind. A captioned benchmark loader (a retrieval
+benchmark: images with their captions) is `(cfg, data_root) -> CaptionedBenchmark`. A new kind
+is one decorated function in the module of its source.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from asif_exp.data.common import (
     AnchorSet,
     Benchmark,
+    CaptionedBenchmark,
     DataError,
     Subset,
     apply_authors_split,
@@ -26,6 +28,7 @@ from asif_exp.prompts import load_class_names, load_templates
 log = logging.getLogger(__name__)
 ANCHOR_LOADERS: dict[str, Callable] = {}
 BENCHMARK_LOADERS: dict[str, Callable] = {}
+CAPTIONED_BENCHMARK_LOADERS: dict[str, Callable] = {}
 
 
 def _register(table: dict[str, Callable], kinds: tuple[str, ...]):
@@ -45,6 +48,10 @@ def anchor_loader(*kinds: str):
 
 def benchmark_loader(*kinds: str):
     return _register(BENCHMARK_LOADERS, kinds)
+
+
+def captioned_benchmark_loader(*kinds: str):
+    return _register(CAPTIONED_BENCHMARK_LOADERS, kinds)
 
 
 def _lookup(table: dict[str, Callable], key: str, kind: str) -> Callable:
@@ -72,9 +79,14 @@ def load_anchors(cfg, data_root: str) -> AnchorSet:
     return anchors
 
 
-def load_benchmark(cfg, data_root: str) -> Benchmark:
+def load_benchmark(cfg, data_root: str) -> Benchmark | CaptionedBenchmark:
+    """Labelled images (classification), or images with captions (retrieval: jsonl, csv)."""
+    if cfg.loader in CAPTIONED_BENCHMARK_LOADERS:
+        return CAPTIONED_BENCHMARK_LOADERS[cfg.loader](cfg, data_root)
     class_names = load_class_names(cfg.class_names) if cfg.class_names else None
-    loader = _lookup(BENCHMARK_LOADERS, "benchmark.loader", cfg.loader)
+    loader = _lookup(
+        {**BENCHMARK_LOADERS, **CAPTIONED_BENCHMARK_LOADERS}, "benchmark.loader", cfg.loader
+    )
     images, labels, class_names = loader(cfg, data_root, class_names)
     if cfg.subset is not None and cfg.subset < len(labels):
         indices = balanced_subset(labels, cfg.subset, cfg.subset_seed)

@@ -17,6 +17,9 @@ from asif_exp.problem import EmbeddedProblem
 class Task(Protocol):
     name: str
     primary_metric: str  # the sweep objective; cells are listed best-first by it
+    # What the images are scored against: "class_prompts" (a labelled benchmark's classes) or
+    # "captions" (a benchmark of image-caption pairs); `pipeline.embed_problem` builds them.
+    targets: str
 
     def metrics(self, scores: Tensor, problem: EmbeddedProblem) -> dict[str, Any]:
         """Metrics of one cell's scores against `problem.truth` (plain floats and lists)."""

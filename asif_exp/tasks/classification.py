@@ -62,6 +62,7 @@ def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> 
 class Classification:
     name: str = "classification"
     primary_metric: str = "top1"
+    targets: str = "class_prompts"
 
     def metrics(self, scores: Tensor, problem: EmbeddedProblem) -> dict:
         names = problem.targets.group_names

@@ -9,5 +9,9 @@ PYTHON=${PYTHON:-.venv/bin/python}
 # (k, p) grid over coco_mini's 1,195 pairs. W&B offline: runs land in each job's folder.
 WANDB_MODE=offline "$PYTHON" -m asif_exp +sweep=table1_mini logger=wandb
 
+# 4 jobs: the Flickr8k-anchors row (train + dev, 30,000 pairs; Lite0), same benchmarks and halves.
+WANDB_MODE=offline "$PYTHON" -m asif_exp +sweep=table1_mini_flickr8k logger=wandb
+
 "$PYTHON" experiments/table1/build_table.py outputs/sweeps/table1_mini \
-    --out experiments/table1/mini --title "Table 1, mini-suite (coco_mini anchors)"
+    outputs/sweeps/table1_mini_flickr8k \
+    --out experiments/table1/mini --title "Table 1, mini-suite (coco_mini and Flickr8k anchors)"

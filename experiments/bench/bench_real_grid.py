@@ -8,7 +8,7 @@ In one run it times the engine's top-k pass, its scoring of every cell, and the 
 products alone (images x anchor images and prompts x anchor captions, the GEMMs every top-k
 needs), and prints the engine's parts as ratios to those products.
 
-    ASIF_CACHE_DIR=/work/cache python experiments/bench/bench_real_grid.py
+    python experiments/bench/bench_real_grid.py   # embeddings from ASIF_CACHE_DIR (default .cache/)
     python experiments/bench/bench_real_grid.py --synthetic --device cuda
 """
 

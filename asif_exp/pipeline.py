@@ -419,11 +419,24 @@ def listed_prefix_cells(cells: list[CellResult], used: dict[int, int]) -> list[C
 def score_and_measure(
     method: Method, task: Task, problem: EmbeddedProblem, ns: list[int], report: MethodReport
 ) -> list[CellResult]:
-    """Every cell of the method's grid, scored and measured by the task."""
-    return [
-        CellResult(cell.params, task.metrics(cell.scores, problem))
-        for cell in method.score(problem, ns, report)
-    ]
+    """Every cell of the method's grid, scored and measured by the task.
+
+    A cell whose scores are not all finite is never measured (NaN compares false, so a
+    rank-based metric would count it as a hit): it is skipped, warned about and listed in the
+    notes; a grid with no finite cell is an error.
+    """
+    cells, nonfinite = [], []
+    for cell in method.score(problem, ns, report):
+        if bool(torch.isfinite(cell.scores).all()):
+            cells.append(CellResult(cell.params, task.metrics(cell.scores, problem)))
+        else:
+            log.warning("%s cell %s: non-finite scores; cell skipped", method.name, cell.params)
+            nonfinite.append(cell.params)
+    if nonfinite:
+        report.notes["skipped_cells_nonfinite_scores"] = nonfinite
+    if not cells:
+        raise ValueError(f"method={method.name}: every cell of the grid gave non-finite scores")
+    return cells
 
 
 def headline(cells: list[CellResult]) -> CellResult:

@@ -146,6 +146,49 @@ def test_cca_skips_cells_beyond_the_rank_or_singular():
     assert not isinstance(fits[(2, 0.5)], str)
 
 
+def test_csa_with_fewer_anchors_than_dimensions_gives_finite_correlations_and_scores():
+    # n < d: many canonical directions have no variance on the anchors; their correlation was
+    # 0/0 (NaN) and, after a clamp, 1e308 (inf in float32): every score NaN, every recall 1.0.
+    g = torch.Generator().manual_seed(0)
+    images, texts = unit(torch.randn(40, 64, generator=g)), unit(torch.randn(40, 48, generator=g))
+    for _, fit in canonical_fits(moments_of(images, texts), [30], [0.1, 0.9]):
+        assert torch.isfinite(fit.anchor_correlations).all()
+        assert float(fit.anchor_correlations.abs().max()) <= 1.0
+    cfg = compose_config([*TINY, "method=csa", "method.r=[30]", "method.regularization=[0.1]"])
+    problem = EmbeddedProblem(
+        images.float(),
+        texts.float(),
+        images[:10].float(),
+        Targets(["t"] * 10, texts[:10].float()),
+        truth=torch.arange(10),
+    )
+    cells = list(load_method(cfg).score(problem, [40], MethodReport()))
+    assert cells and all(torch.isfinite(c.scores).all() for c in cells)
+
+
+def test_cells_with_non_finite_scores_are_skipped_never_measured(caplog):
+    from asif_exp.methods.base import ScoredCell
+    from asif_exp.pipeline import score_and_measure
+    from asif_exp.tasks.retrieval import build as retrieval_task
+
+    class Broken:
+        name = "broken"
+
+        def score(self, problem, ns, report):
+            yield ScoredCell({"n": 4, "c": 0}, torch.full((2, 2), float("nan")))
+            yield ScoredCell({"n": 4, "c": 1}, torch.eye(2))
+
+    problem = EmbeddedProblem(
+        torch.randn(4, 3), torch.randn(4, 3), torch.randn(2, 3),
+        Targets(["a", "b"], torch.randn(2, 3)), truth=torch.tensor([0, 1]),
+    )  # fmt: skip
+    report = MethodReport()
+    cfg = compose_config([*TINY, "task=retrieval"])
+    cells = score_and_measure(Broken(), retrieval_task(cfg), problem, [4], report)
+    assert [c.params["c"] for c in cells] == [1]
+    assert report.notes["skipped_cells_nonfinite_scores"] == [{"n": 4, "c": 0}]
+
+
 @pytest.mark.parametrize("n", [20, 60])
 @pytest.mark.parametrize("aggregation", ["mean", "max"])
 def test_dense_rr_is_dense_asif_with_k_n_p_1(n, aggregation):

@@ -72,7 +72,12 @@ def canonical_fits(
         u, s, vh = torch.linalg.svd(scale_x[:, None] * xy_eigen * scale_y, full_matrices=False)
         a, b = vx @ (scale_x[:, None] * u), vy @ (scale_y[:, None] * vh.T)
         # The variates' own correlations on the anchors (equal to s when c = 0).
-        anchor = (a * (xy @ b)).sum(0) / ((a * (xx @ a)).sum(0) * (b * (yy @ b)).sum(0)).sqrt()
+        # With n <= d a direction can have (numerically) no variance on the anchors, and its
+        # correlation is then 0/0: such directions get correlation 0 (they carry nothing).
+        variances = (a * (xx @ a)).sum(0) * (b * (yy @ b)).sum(0)
+        degenerate = variances <= SINGULAR * variances.abs().max()
+        anchor = (a * (xy @ b)).sum(0) / variances.clamp_min(torch.finfo(a.dtype).tiny).sqrt()
+        anchor = anchor.masked_fill(degenerate, 0.0).clamp(-1.0, 1.0)
         for r in rs:
             params = {"r": r, "regularization": c}
             if r > rank:

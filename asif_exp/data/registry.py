@@ -83,10 +83,14 @@ def load_benchmark(cfg, data_root: str) -> Benchmark | CaptionedBenchmark:
     """Labelled images (classification), or images with captions (retrieval: jsonl, csv)."""
     if cfg.loader in CAPTIONED_BENCHMARK_LOADERS:
         return CAPTIONED_BENCHMARK_LOADERS[cfg.loader](cfg, data_root)
+    if cfg.loader not in BENCHMARK_LOADERS:
+        raise DataError(
+            f"benchmark.loader={cfg.loader!r}: unknown loader; known: "
+            f"{', '.join(sorted(BENCHMARK_LOADERS))} (labelled images), "
+            f"{', '.join(sorted(CAPTIONED_BENCHMARK_LOADERS))} (image-caption pairs, retrieval)"
+        )
     class_names = load_class_names(cfg.class_names) if cfg.class_names else None
-    loader = _lookup(
-        {**BENCHMARK_LOADERS, **CAPTIONED_BENCHMARK_LOADERS}, "benchmark.loader", cfg.loader
-    )
+    loader = BENCHMARK_LOADERS[cfg.loader]
     images, labels, class_names = loader(cfg, data_root, class_names)
     if cfg.subset is not None and cfg.subset < len(labels):
         indices = balanced_subset(labels, cfg.subset, cfg.subset_seed)

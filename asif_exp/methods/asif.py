@@ -28,6 +28,7 @@ from asif_exp.options import (
     NORMALIZE_CHOICES,
     ConfigError,
     anchor_prefixes,
+    check_prefixes,
     int_values,
     positive_values,
 )
@@ -157,11 +158,7 @@ def check_grid(
 ) -> None:
     if not ns or not ks or not ps:
         raise ConfigError(f"empty grid: n={list(ns)}, k={list(ks)}, p={list(ps)}")
-    for n in ns:
-        if n < 1 or n > n_available:
-            raise ConfigError(
-                f"asif.n={n}: must be between 1 and the {n_available} anchors available"
-            )
+    check_prefixes(ns, n_available)
     for k in ks:
         if k < 1:
             raise ConfigError(f"asif.k={k}: must be at least 1")

@@ -177,15 +177,27 @@ def test_dense_and_sparse_scoring_paths_match_the_reference(option_set, path_cos
         torch.testing.assert_close(cell.scores, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpu-kernel", "pytorch-path"])
 @pytest.mark.parametrize("order", ["random", "increasing"])
-def test_threshold_shortcut_and_its_fallback_match_topk(order, monkeypatch):
-    # Random order: later chunks are filtered by the running k-th value. Anchors in increasing
-    # similarity to every query: each chunk beats the running top-k, the filter is not selective
-    # and must give way to a plain top-k. Both must give the dense top-k.
-    calls = []
-    original = engine._above_threshold
+def test_threshold_filter_and_its_overflow_match_topk(order, compiled, monkeypatch):
+    # Random order: later tiles are filtered by the running k-th value and their few candidates
+    # appended to the pool. Anchors in increasing similarity to every query: every entry of a
+    # tile beats the running top-k; the PyTorch path (the GPU's) finds more than its pool holds
+    # and selects from the tile directly, the compiled CPU path always has room for a tile.
+    # Both must give the dense top-k either way.
+    monkeypatch.setattr(engine, "USE_CPU_KERNELS", compiled)
+    direct, kernel_calls = [], []
+    original = engine._CandidatePool.select
     monkeypatch.setattr(
-        engine, "_above_threshold", lambda *a: calls.append(original(*a)) or calls[-1]
+        engine._CandidatePool,
+        "select",
+        lambda self, values=None, ids=None: (
+            direct.append(values is not None and self.held > 0) or original(self, values, ids)
+        ),
+    )
+    append_above = engine.append_above
+    monkeypatch.setattr(
+        engine, "append_above", lambda *a: kernel_calls.append(1) or append_above(*a)
     )
     g = torch.Generator().manual_seed(8)
     direction = unit_rows(torch.randn(1, 8, generator=g))
@@ -204,7 +216,8 @@ def test_threshold_shortcut_and_its_fallback_match_topk(order, monkeypatch):
     values, ids = (queries @ anchors.T).topk(30, dim=1)
     assert torch.equal(top.indices, ids)
     torch.testing.assert_close(top.values, values)
-    assert calls and all((found is None) == (order == "increasing") for found in calls)
+    assert any(direct) == (order == "increasing" and not compiled)
+    assert bool(kernel_calls) == compiled
 
 
 def test_public_class_representation_and_sparse_scores_match_dense():

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
+from asif_exp.methods.cpu_kernels import append_above
 from asif_exp.options import (
     AGGREGATION_CHOICES,
     NORMALIZE_CHOICES,
@@ -136,7 +137,12 @@ def check_embeddings(name: str, embeddings: Tensor) -> None:
         raise ValueError(
             f"{name}: expected a non-empty 2-D tensor, got shape {tuple(embeddings.shape)}"
         )
-    finite = torch.isfinite(embeddings).all(dim=1)
+    # A row whose sum is finite has only finite entries (NaN and inf propagate; inf - inf is
+    # NaN): one fast reduction instead of a full-size boolean tensor; only rows whose sum is
+    # not finite (including finite rows that overflow it) are looked at entry by entry.
+    finite = torch.isfinite(embeddings.sum(dim=1))
+    if not bool(finite.all()):
+        finite[~finite] = torch.isfinite(embeddings[~finite]).all(dim=1)
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten()[:5].tolist()
         raise ValueError(
@@ -218,31 +224,6 @@ def select_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return top_values, top_ids
 
 
-def _above_threshold(
-    sims: Tensor, threshold: Tensor, first_id: int, pad_id: int
-) -> tuple[Tensor, Tensor] | None:
-    """Entries of each row strictly above the row's threshold, as padded (rows x most) tensors.
-
-    Once the running top-k is full, a later anchor (higher id) can only enter with a value
-    strictly above the running k-th value, and after the first few thousand anchors that is a
-    small fraction of the chunk: a compare and a `nonzero` are much cheaper than a `topk` over the
-    whole chunk. Returns None when the threshold is not selective (the whole chunk is then a
-    candidate: a dense copy is cheaper than scattering most of it).
-    """
-    sample = sims[:, : min(sims.shape[1], 256)]
-    if int((sample > threshold).sum()) * 8 > sample.numel():
-        return None
-    rows, cols = (sims > threshold).nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=sims.shape[0])
-    most = int(counts.max()) if rows.numel() else 0
-    values = sims.new_full((sims.shape[0], most), -torch.inf)
-    ids = torch.full_like(values, pad_id, dtype=torch.long)
-    place = torch.arange(rows.numel(), device=sims.device) - (counts.cumsum(0) - counts)[rows]
-    values[rows, place] = sims[rows, cols]
-    ids[rows, place] = cols + first_id
-    return values, ids
-
-
 def _chunk_bounds(ns: Sequence[int], chunk: int, first: int) -> list[tuple[int, int]]:
     """Anchor ranges [start, end), cut at every n of the grid: `first` anchors, then each range
     at most as long as all before it (and at most `chunk`).
@@ -296,29 +277,48 @@ def _keep_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     top_values, positions = values.topk(k, dim=1, sorted=False)
     top_ids = ids.gather(1, positions)
     kth = top_values.amin(dim=1, keepdim=True)
-    left_out = ((values == kth).sum(1) > (top_values == kth).sum(1)).nonzero().flatten()
+    # (A boolean sum into int32 is several times faster than the default int64 one.)
+    left_out = (values == kth).sum(1, dtype=torch.int32) > (top_values == kth).sum(
+        1, dtype=torch.int32
+    )
+    left_out = left_out.nonzero().flatten()
     if left_out.numel():
         top_values[left_out], top_ids[left_out] = select_topk(values[left_out], ids[left_out], k)
     return top_values, top_ids
 
 
+# Re-select the running top-k each time the anchors seen grow by this factor.
+RESELECT_GROWTH = 2.0
+# CPU tensors take the compiled loops of `cpu_kernels` (tests turn this off to run the PyTorch
+# path that GPUs take on the CPU).
+USE_CPU_KERNELS = True
+
+
 class _CandidatePool:
     """Running top-k of a block of rows, and the candidates found since the last selection.
 
-    One buffer per row: the running top-k in columns [0, k), then the pool. Candidates are
-    appended at each row's own fill position (rows differ in how many pass the threshold), and
-    the top-k is re-selected, in place, only when the pool is full or a snapshot is due: a few
-    selections per pass instead of one per anchor tile.
+    One buffer per row: the running top-k in columns [0, k), then the pool. Until the first
+    selection every anchor is a candidate (tiles are copied in whole); after it, only entries
+    above the running k-th value are (`add_above`), appended at each row's own fill position.
+    The top-k is re-selected, in place, only when a row's pool is full or a snapshot is due: a
+    few selections per pass instead of one per anchor tile. Anchor ids are int32 (4 bytes
+    less to move per candidate; 2**31 anchors is far beyond any anchor set).
     """
 
-    def __init__(self, rows: int, k: int, capacity: int, pad_id: int, device: torch.device):
+    def __init__(
+        self, rows: int, k: int, capacity: int, pad_id: int, device: torch.device, tile: int
+    ):
+        self.compiled = device.type == "cpu" and USE_CPU_KERNELS
+        if self.compiled:  # the compiled append needs room for a whole tile (small on a CPU)
+            capacity = max(capacity, tile)
         self.k, self.capacity, self.pad_id = k, capacity, pad_id
         self.values = torch.full((rows, k + capacity), -torch.inf, device=device)
-        self.ids = torch.full((rows, k + capacity), pad_id, dtype=torch.long, device=device)
+        self.ids = torch.full((rows, k + capacity), pad_id, dtype=torch.int32, device=device)
         self.held = 0  # columns of the running top-k in use: min(k, anchors seen)
         self.fill = torch.zeros(rows, dtype=torch.long, device=device)  # pool entries per row
         self.used = 0  # fill.max()
         self.kth: Tensor | None = None
+        self.seen = self.seen_at_selection = 0  # anchors added so far / at the last selection
 
     def threshold(self) -> Tensor | None:
         """What a later anchor must exceed to matter: the running k-th value, once k are held.
@@ -332,29 +332,67 @@ class _CandidatePool:
             self.kth = self.values[:, : self.k].amin(dim=1, keepdim=True)
         return self.kth
 
-    def add(self, values: Tensor, ids: Tensor, dense: bool = False) -> None:
-        """Append candidates (rows x width): all real if `dense`, else padded with `pad_id`."""
-        width = values.shape[1]
-        if width == 0:
-            return
+    def add_all(self, sims: Tensor, start: int) -> None:
+        """Every entry of a tile of similarities to anchors start, start + 1, ... is a candidate."""
+        width = sims.shape[1]
+        self.seen += width
+        ids = torch.arange(start, start + width, dtype=torch.int32, device=sims.device)
         if self.used + width > self.capacity:
             if width > self.capacity // 2:  # a wide tile: select from it directly
-                self.select(values, ids)
+                self.select(sims, ids.expand_as(sims))
                 return
             self.select()
         pool = slice(self.k + self.used, self.k + self.used + width)
-        if dense:  # every row has `width` real candidates: a block copy
-            self.values[:, pool], self.ids[:, pool] = values, ids
-            self.used += width
-            self.fill.fill_(self.used)  # rows that had fewer keep a gap of padding
-        else:  # each row's candidates go after its own; padding lands on padding
-            place = self.k + self.fill[:, None] + torch.arange(width, device=values.device)
-            self.values.scatter_(1, place, values)
-            self.ids.scatter_(1, place, ids)
-            self.fill += (ids != self.pad_id).sum(1)
+        self.values[:, pool], self.ids[:, pool] = sims, ids
+        self.used += width
+        self.fill.fill_(self.used)  # rows that had fewer keep a gap of padding
+
+    def add_above(self, sims: Tensor, start: int) -> None:
+        """Append the entries of a tile strictly above each row's threshold.
+
+        Once k are held, a later anchor (higher id) can only enter with a value strictly above
+        the running k-th value, and after the first few thousand anchors that is a small
+        fraction of the tile. On a CPU one compiled loop per row appends them
+        (`cpu_kernels.append_above`); elsewhere a compare and a `nonzero`, then a copy straight
+        to their places in the pool by flat index.
+        """
+        rows, width = sims.shape
+        self.seen += width
+        if self.compiled and width <= self.capacity:
+            if self.used + width > self.capacity:  # room for a whole tile in every row
+                self.select()
+            threshold = self.threshold().flatten()
+            append_above(sims, threshold, start, self.values, self.ids, self.fill, self.k)
             self.used = int(self.fill.max())
-        if self.held < self.k <= self.held + self.used:
-            self.select()  # a first threshold as early as possible
+        else:
+            self._add_above_by_index(sims, start)
+        if self.seen >= RESELECT_GROWTH * self.seen_at_selection:
+            # A threshold from half the anchors seen lets through about twice the entries a
+            # fresh one would: re-select each time the anchors seen double.
+            self.select()
+
+    def _add_above_by_index(self, sims: Tensor, start: int) -> None:
+        rows, width = sims.shape
+        found = (sims > self.threshold()).view(-1).nonzero().flatten()  # row-major order
+        row = torch.div(found, width, rounding_mode="floor")
+        counts = torch.bincount(row, minlength=rows)
+        most = int((self.fill + counts).max())
+        if most > self.capacity:
+            self.select()
+            most = int(counts.max())
+            if most > self.capacity:  # more candidates than the pool holds: select directly
+                ids = torch.arange(start, start + width, dtype=torch.int32, device=sims.device)
+                self.select(sims, ids.expand_as(sims))
+                return
+        # Row r's candidates go to columns k + fill[r], k + fill[r] + 1, ...
+        row_start = (counts.cumsum(0) - counts) - self.fill - self.k
+        row_start -= torch.arange(rows, device=sims.device) * self.values.shape[1]
+        place = torch.arange(len(found), device=sims.device) - row_start[row]
+        # (take / index_copy_ are several times faster than the equivalent [] indexing.)
+        self.values.view(-1).index_copy_(0, place, sims.take(found))
+        self.ids.view(-1).index_copy_(0, place, (found - row * width + start).to(torch.int32))
+        self.fill += counts
+        self.used = most
 
     def select(self, values: Tensor | None = None, ids: Tensor | None = None) -> None:
         """Keep the top-k of (running top-k + pool + the given candidates); empty the pool."""
@@ -373,16 +411,17 @@ class _CandidatePool:
         self.values[:, self.k : end] = -torch.inf
         self.ids[:, self.k : end] = self.pad_id
         self.held, self.kth = held, None
+        self.seen_at_selection = self.seen
         self.fill.zero_()
         self.used = 0
 
     def snapshot(self) -> tuple[Tensor, Tensor]:
-        """The running top-k so far, sorted by (value desc, id asc)."""
+        """The running top-k so far, sorted by (value desc, id asc); ids as int64."""
         self.select()
         values, ids = self.values[:, : self.held], self.ids[:, : self.held]
         values, ids = select_topk(values, ids, self.held)
         self.values[:, : self.held], self.ids[:, : self.held] = values, ids
-        return values, ids
+        return values, ids.long()
 
 
 def _tile_elements(device: torch.device, budget: int) -> int:
@@ -437,16 +476,13 @@ def streaming_topk(
     )
     for row_start in range(0, rows, rows_per_block):
         block = queries[row_start : row_start + rows_per_block].to(device=device, dtype=dtype)
-        pool = _CandidatePool(len(block), k_max, POOL_WIDTH * k_max, n_max, device)
+        pool = _CandidatePool(len(block), k_max, POOL_WIDTH * k_max, n_max, device, width)
         for start, end in bounds:
             sims = _similarities(block, anchors[start:end].to(device=device, dtype=dtype))
-            threshold = pool.threshold()
-            found = None if threshold is None else _above_threshold(sims, threshold, start, n_max)
-            if found is None:  # not yet k_max anchors, or a filter that keeps too much
-                ids = torch.arange(start, end, device=device).expand_as(sims)
-                pool.add(sims, ids, dense=True)
+            if pool.threshold() is None:  # not yet a selection of k_max anchors
+                pool.add_all(sims, start)
             else:
-                pool.add(*found)
+                pool.add_above(sims, start)
             if end in snapshots:
                 snapshots[end].append(pool.snapshot())
             bar.update()

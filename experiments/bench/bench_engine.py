@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memory-queries", type=int, default=1000, help="query rows of --memory-scaling"
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="engine single evaluation, products and grid each run this many times, "
+        "interleaved; the fastest run of each counts (default: 3 at --scale cpu, else 1)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="engine only")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.templates = args.prompts // args.classes
     if args.memory_budget_mb is None:
         args.memory_budget_mb = preset["budget_mb"]
+    if args.repeats is None:
+        args.repeats = 3 if args.scale == "cpu" else 1
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
     if args.ns:
         args.ns = sorted({int(n) for n in args.ns.split(",")})
     else:
@@ -340,9 +350,17 @@ def main(argv: list[str] | None = None) -> dict:
         run_baseline(problem, [small], small_k, [args.ps[0]], args, device)
 
     n_max, k, p = max(args.ns), args.k, args.p
-    # 1. one evaluation at the largest n
-    single_engine, measure = run_engine(problem, [n_max], [k], [p], options, device)
-    single = {"n": n_max, "k": k, "p": p, **engine_numbers(measure)}
+    # 1. one evaluation at the largest n, and the floor: its similarity products alone (both
+    # sides, the engine's tile shapes and dtype, each tile written and dropped). On a shared
+    # machine other work slows some runs: each is repeated, interleaved, and the fastest counts.
+    engine_runs, product_runs = [], []
+    for _ in range(args.repeats):
+        engine_runs.append(run_engine(problem, [n_max], [k], [p], options, device))
+        with Measure(device) as measure:
+            similarity_products(problem, n_max, options)
+        product_runs.append(measure)
+    single_engine, measure = min(engine_runs, key=lambda run: run[1].seconds)
+    single = {"n": n_max, "k": k, "p": p, "repeats": args.repeats, **engine_numbers(measure)}
     single["engine_top1"] = measure.top1[(n_max, k, p)]
     if run_baselines:
         single_baseline, measure = run_baseline(problem, [n_max], k, [p], args, device)
@@ -352,16 +370,18 @@ def main(argv: list[str] | None = None) -> dict:
             baseline_peak_mb=measure.peak_mb,
             agreement=agreement(single_engine, single_baseline),
         )
-    # The floor: the similarity products of that evaluation alone (both sides, the engine's
-    # tile shapes and dtype, each tile written and dropped), measured in the same run.
-    with Measure(device) as measure:
-        similarity_products(problem, n_max, options)
+    measure = min(product_runs, key=lambda run: run.seconds)
     single.update(products_s=measure.seconds, products_cpu_s=measure.cpu_seconds)
     report["single"] = single
 
-    # 2. the whole grid
-    grid_engine, measure = run_engine(problem, args.ns, args.ks, args.ps, options, device)
-    grid = {"cells": len(grid_engine), **engine_numbers(measure)}
+    # 2. the whole grid (the fastest top-k pass and the fastest scoring of the repeats)
+    grid_runs = [
+        run_engine(problem, args.ns, args.ks, args.ps, options, device) for _ in range(args.repeats)
+    ]
+    grid_engine, measure = min(grid_runs, key=lambda run: run[1].seconds)
+    grid = {"cells": len(grid_engine), "repeats": args.repeats, **engine_numbers(measure)}
+    for part in ("topk_s", "scoring_s"):
+        grid[f"engine_{part}"] = min(run[1].timings[part] for run in grid_runs)
     if run_baselines and args.baseline_grid != "skip":
         k_max = max(args.ks)
         measured_ks = args.ks if args.baseline_grid == "measure" else [k_max]
@@ -472,6 +492,8 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
             f"  engine {label.split(' (')[0]}: top-k {part['engine_topk_s']:.2f}s + "
             f"scoring {part['engine_scoring_s']:.2f}s"
         )
+    if args.repeats > 1:
+        print(f"  engine and products: the fastest of {args.repeats} interleaved runs")
     print(
         f"  single eval / products only: {single['eval_over_products']:.2f}x "
         f"(products {single['products_s']:.2f}s; CPU time "

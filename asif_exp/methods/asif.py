@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
-from asif_exp.methods.cpu_kernels import append_above
+from asif_exp.methods.cpu_kernels import append_above, keep_top
 from asif_exp.options import (
     AGGREGATION_CHOICES,
     NORMALIZE_CHOICES,
@@ -399,17 +399,21 @@ class _CandidatePool:
         if not self.used and values is None:
             return
         end = self.k + self.used
-        all_values, all_ids = self.values[:, :end], self.ids[:, :end]
-        if values is not None:
-            all_values, all_ids = torch.cat([all_values, values], 1), torch.cat([all_ids, ids], 1)
         # Columns [held, k) are padding; every row holds the same number of real entries until
         # k are held (candidates are then dense), so padding is never selected over a real one.
         seen = self.held + (self.used if values is None else self.used + values.shape[1])
         held = min(self.k, seen)
-        top_values, top_ids = _keep_topk(all_values, all_ids, held)
-        self.values[:, :held], self.ids[:, :held] = top_values, top_ids
-        self.values[:, self.k : end] = -torch.inf
-        self.ids[:, self.k : end] = self.pad_id
+        if self.compiled and values is None:
+            keep_top(self.values, self.ids, end, held)
+        else:
+            all_values, all_ids = self.values[:, :end], self.ids[:, :end]
+            if values is not None:
+                all_values = torch.cat([all_values, values], 1)
+                all_ids = torch.cat([all_ids, ids], 1)
+            top_values, top_ids = _keep_topk(all_values, all_ids, held)
+            self.values[:, :held], self.ids[:, :held] = top_values, top_ids
+        self.values[:, held:end] = -torch.inf  # (the compiled selection leaves copies there)
+        self.ids[:, held:end] = self.pad_id
         self.held, self.kth = held, None
         self.seen_at_selection = self.seen
         self.fill.zero_()

@@ -15,6 +15,7 @@ from asif_exp.methods.asif import (
     streaming_topk,
     unit_rows,
 )
+from asif_exp.methods.base import max_over_groups
 
 
 def random_problem(seed, images=40, anchors=300, classes=5, templates=3, d_image=16, d_text=12):
@@ -266,3 +267,11 @@ def test_gpu_path_matches_the_dense_reference(dtype):
         expected = reference_for_cell(problem, cell, options).argmax(1)
         agreement = (cell.predictions.cpu() == expected).float().mean()
         assert agreement == 1.0 if dtype == "float32" else agreement > 0.95
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["contiguous", "interleaved"])
+def test_max_over_groups_is_each_groups_best_text(grouped):
+    scores = torch.randn(7, 12, generator=torch.Generator().manual_seed(3))
+    groups = torch.arange(4).repeat_interleave(3) if grouped else torch.arange(12) % 4
+    expected = torch.stack([scores[:, groups == g].amax(1) for g in range(4)], dim=1)
+    assert torch.equal(max_over_groups(scores, groups, 4), expected)

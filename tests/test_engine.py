@@ -275,3 +275,26 @@ def test_max_over_groups_is_each_groups_best_text(grouped):
     groups = torch.arange(4).repeat_interleave(3) if grouped else torch.arange(12) % 4
     expected = torch.stack([scores[:, groups == g].amax(1) for g in range(4)], dim=1)
     assert torch.equal(max_over_groups(scores, groups, 4), expected)
+
+
+@pytest.mark.parametrize("budget_mb", [0.02, 1.0], ids=["many-tiles", "few-tiles"])
+def test_compiled_cpu_path_and_pytorch_path_give_the_same_top_k(budget_mb, monkeypatch):
+    # The GPU runs the PyTorch path; on the CPU the compiled loops replace it. Same snapshots,
+    # value for value and id for id, with ties (duplicated anchors) and nested n.
+    g = torch.Generator().manual_seed(11)
+    queries = unit_rows(torch.randn(37, 16, generator=g))
+    anchors = unit_rows(torch.randn(3000, 16, generator=g))
+    anchors[1500:1600] = anchors[100:200]  # exact ties, broken by id
+    options = AsifOptions(device="cpu", memory_budget_mb=budget_mb)
+    snapshots = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(engine, "USE_CPU_KERNELS", compiled)
+        snapshots[compiled] = streaming_topk(
+            queries, anchors, [50, 90, 700, 3000], 80, options, progress=False
+        )
+    dense = queries @ anchors.T
+    for n in (50, 90, 700, 3000):  # n = 50 < k: the snapshot holds all 50
+        assert torch.equal(snapshots[True][n].indices, snapshots[False][n].indices)
+        assert torch.equal(snapshots[True][n].values, snapshots[False][n].values)
+        reference = select_topk(dense[:, :n], torch.arange(n).expand(37, n), min(n, 80))
+        assert torch.equal(snapshots[True][n].indices, reference[1])

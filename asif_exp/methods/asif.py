@@ -300,9 +300,10 @@ class _CandidatePool:
     One buffer per row: the running top-k in columns [0, k), then the pool. Until the first
     selection every anchor is a candidate (tiles are copied in whole); after it, only entries
     above the running k-th value are (`add_above`), appended at each row's own fill position.
-    The top-k is re-selected, in place, only when a row's pool is full or a snapshot is due: a
-    few selections per pass instead of one per anchor tile. Anchor ids are int32 (4 bytes
-    less to move per candidate; 2**31 anchors is far beyond any anchor set).
+    The top-k is re-selected, in place, when a row's pool could overflow, each time the anchors
+    seen have doubled (a fresher threshold) and when a snapshot is due: a few selections per
+    pass instead of one per anchor tile. Anchor ids are int32 (4 bytes less to move per
+    candidate; 2**31 anchors is far beyond any anchor set).
     """
 
     def __init__(

@@ -47,7 +47,8 @@ def append_above(
 ) -> None:
     """For each row r, append the entries of `sims[r]` strictly above `threshold[r]` (in column
     order) to `values[r]` / `ids[r]` at columns offset + fill[r], ...; their ids are start + column;
-    `fill` is advanced. The caller guarantees room: fill[r] + sims.shape[1] <= width - offset.
+    `fill` is advanced. The caller guarantees room: offset + fill[r] + sims.shape[1] <=
+    values.shape[1].
 
     float32 `sims`, `threshold` (rows,), `values`; int32 `ids`; int64 `fill`; all contiguous CPU
     tensors, modified in place.

@@ -563,9 +563,7 @@ class _SparseLayout:
         )
 
 
-def _row_layout(
-    top: TopK, k: int, by_id: tuple[Tensor, Tensor] | None = None
-) -> _SparseLayout:
+def _row_layout(top: TopK, k: int, by_id: tuple[Tensor, Tensor] | None = None) -> _SparseLayout:
     """(rows x n), each row's anchors sorted (CSR kernels want sorted column indices).
 
     `by_id`, `top.indices.sort(dim=1)` (ids ascending, their ranks), is shared by every k at

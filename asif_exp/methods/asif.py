@@ -337,14 +337,16 @@ class _CandidatePool:
         """Every entry of a tile of similarities to anchors start, start + 1, ... is a candidate."""
         width = sims.shape[1]
         self.seen += width
-        ids = torch.arange(start, start + width, dtype=torch.int32, device=sims.device)
         if self.used + width > self.capacity:
             if width > self.capacity // 2:  # a wide tile: select from it directly
-                self.select(sims, ids.expand_as(sims))
+                self._select_with_tile(sims, start)
                 return
             self.select()
         pool = slice(self.k + self.used, self.k + self.used + width)
-        self.values[:, pool], self.ids[:, pool] = sims, ids
+        self.values[:, pool] = sims
+        self.ids[:, pool] = torch.arange(
+            start, start + width, dtype=torch.int32, device=sims.device
+        )
         self.used += width
         self.fill.fill_(self.used)  # rows that had fewer keep a gap of padding
 
@@ -357,9 +359,9 @@ class _CandidatePool:
         (`cpu_kernels.append_above`); elsewhere a compare and a `nonzero`, then a copy straight
         to their places in the pool by flat index.
         """
-        rows, width = sims.shape
+        width = sims.shape[1]
         self.seen += width
-        if self.compiled and width <= self.capacity:
+        if self.compiled:  # its capacity holds a whole tile (see __init__)
             if self.used + width > self.capacity:  # room for a whole tile in every row
                 self.select()
             threshold = self.threshold().flatten()
@@ -382,8 +384,7 @@ class _CandidatePool:
             self.select()
             most = int(counts.max())
             if most > self.capacity:  # more candidates than the pool holds: select directly
-                ids = torch.arange(start, start + width, dtype=torch.int32, device=sims.device)
-                self.select(sims, ids.expand_as(sims))
+                self._select_with_tile(sims, start)
                 return
         # Row r's candidates go to columns k + fill[r], k + fill[r] + 1, ...
         row_start = (counts.cumsum(0) - counts) - self.fill - self.k
@@ -394,6 +395,11 @@ class _CandidatePool:
         self.ids.view(-1).index_copy_(0, place, (found - row * width + start).to(torch.int32))
         self.fill += counts
         self.used = most
+
+    def _select_with_tile(self, sims: Tensor, start: int) -> None:
+        """Select from the pool and every entry of a tile (anchors start, start + 1, ...)."""
+        ids = torch.arange(start, start + sims.shape[1], dtype=torch.int32, device=sims.device)
+        self.select(sims, ids.expand_as(sims))
 
     def select(self, values: Tensor | None = None, ids: Tensor | None = None) -> None:
         """Keep the top-k of (running top-k + pool + the given candidates); empty the pool."""

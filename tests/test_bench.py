@@ -39,12 +39,22 @@ def assert_identical(report: dict, cells: int) -> None:
 
 def test_bench_engine_agrees_with_the_authors_algorithm(tmp_path):
     # Default authors' budget: the image x prompt product is a dense einsum.
-    report = load_bench().main([*TINY, "--json", str(tmp_path / "bench.json")])
+    report = load_bench().main([*TINY, "--repeats", "2", "--json", str(tmp_path / "bench.json")])
     assert_identical(report, cells=3 * 2 * 2)
+    assert report["single"]["repeats"] == report["grid"]["repeats"] == 2
     assert report["grid"]["baseline_label"] == "measured"
     assert json.loads((tmp_path / "bench.json").read_text())["grid"]["cells"] == 12
     assert report["single"]["engine_top1"] > 0.4  # the synthetic classes are learnable (chance 0.2)
     assert [row["n"] for row in report["scaling"]] == [1000, 2000, 3000]
+
+
+def test_bench_repeats_default_by_scale_and_must_be_positive(capsys):
+    bench = load_bench()
+    assert bench.parse_args(["--scale", "cpu"]).repeats == 3  # shared CPUs: fastest of 3
+    assert bench.parse_args(TINY).repeats == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args([*TINY, "--repeats", "0"])
+    assert "--repeats 0: must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("baseline_gb", ["0.0001"])

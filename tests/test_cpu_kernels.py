@@ -1,10 +1,10 @@
-"""The compiled CPU loops of the streaming top-k against plain PyTorch references."""
+"""The compiled CPU loops (streaming top-k, grouped scoring) against plain PyTorch references."""
 
 import pytest
 import torch
 
 from asif_exp.methods.asif import select_topk
-from asif_exp.methods.cpu_kernels import append_above, keep_top
+from asif_exp.methods.cpu_kernels import MAX_WIDTH, append_above, grouped_products, keep_top
 
 
 @pytest.mark.parametrize("levels", [None, 7, 1], ids=["distinct", "many-ties", "two-values"])
@@ -53,3 +53,46 @@ def test_append_above_appends_each_rows_entries_in_column_order():
         # nothing else written
         assert torch.equal(values[row, :start], before_values[row, :start])
         assert torch.equal(ids[row, start + len(cols) :], before_ids[row, start + len(cols) :])
+
+
+def _random_csr(g, rows, cols, density):
+    dense = torch.rand(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
+    dense[0] = 0  # a row without entries
+    csr = dense.to_sparse_csr()
+    return dense, csr.crow_indices().int(), csr.col_indices().int()
+
+
+@pytest.mark.parametrize("width", [1, 3, MAX_WIDTH])
+def test_grouped_products_are_each_groups_best_target_score(width):
+    g = torch.Generator().manual_seed(width)
+    images, n, targets = 30, 200, 12
+    image_dense, image_crow, image_col = _random_csr(g, images, n, 0.1)
+    target_dense, target_crow, target_row = _random_csr(g, n, targets, 0.2)  # (n x targets)
+    # Each product has its own values on the shared patterns.
+    image_values = torch.rand(width, len(image_col), generator=g)
+    target_values = torch.rand(len(target_row), width, generator=g)
+    group = torch.tensor([2, 0, 1, 2, 0, 1, 1, 0, 2, 0, 2, 1], dtype=torch.int32)  # interleaved
+    got = grouped_products(
+        image_crow, image_col, image_values, target_crow, target_row, target_values, group, 4
+    )
+    assert got.shape == (width, images, 4)
+    for w in range(width):
+        left = torch.zeros(images, n)
+        left[image_dense != 0] = image_values[w]  # row-major order = CSR order
+        right = torch.zeros(n, targets)
+        right[target_dense != 0] = target_values[:, w]
+        products = left.double() @ right.double()
+        expected = torch.stack([products[:, group == c].amax(1) for c in range(3)], 1).float()
+        torch.testing.assert_close(got[w, :, :3], expected)
+        assert bool((got[w, 0, :3] == 0).all())  # the empty row scores 0
+        assert bool((got[w, :, 3] == -torch.inf).all())  # a group without targets
+
+
+def test_grouped_products_refuse_mismatched_or_too_many_value_sets():
+    one = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="2 image value rows, 3 target columns"):
+        grouped_products(one, one, torch.zeros(2, 1), one, one, torch.zeros(1, 3), one, 1)
+    with pytest.raises(ValueError, match=f"{MAX_WIDTH + 1} image value rows"):
+        grouped_products(
+            one, one, torch.zeros(MAX_WIDTH + 1, 1), one, one, torch.zeros(1, MAX_WIDTH + 1), one, 1
+        )

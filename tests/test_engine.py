@@ -298,3 +298,35 @@ def test_compiled_cpu_path_and_pytorch_path_give_the_same_top_k(budget_mb, monke
         assert torch.equal(snapshots[True][n].values, snapshots[False][n].values)
         reference = select_topk(dense[:, :n], torch.arange(n).expand(37, n), min(n, 80))
         assert torch.equal(snapshots[True][n].indices, reference[1])
+
+
+@pytest.mark.parametrize("option_set", OPTION_SETS)
+def test_compiled_scoring_gives_the_pytorch_paths_scores_bit_for_bit(option_set, monkeypatch):
+    # On the CPU several p share one compiled walk over the sparsity patterns; the GPU (and a
+    # lone p) take one PyTorch/MKL product per p. The sums run in the same order (anchors
+    # ascending), so the scores are equal bit for bit. The budget holds two p's scores:
+    # batches of two p, then a lone one.
+    monkeypatch.setitem(engine.SPARSE_MAC_COST, "cpu", 0.0)  # every cell sparse
+    problem = random_problem(3, images=60, anchors=400)
+    options = AsifOptions(device="cpu", memory_budget_mb=2 * 60 * 5 * 4 / 2**20, **option_set)
+    widths = []
+    kernel = engine.grouped_products
+    monkeypatch.setattr(
+        engine, "grouped_products", lambda *a: widths.append(len(a[2])) or kernel(*a)
+    )
+    grids = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(engine, "USE_CPU_KERNELS", compiled)
+        grids[compiled], _ = evaluate_grid(
+            **problem,
+            ns=[100, 400],
+            ks=[10, 50],
+            ps=[1, 2, 5],
+            options=options,
+            keep_scores=True,
+            progress=False,
+        )
+    assert widths == [2] * 4  # one batch of two p per (n, k); the third p alone
+    for fast, plain in zip(grids[True], grids[False], strict=True):
+        assert (fast.n, fast.k, fast.p) == (plain.n, plain.k, plain.p)
+        assert torch.equal(fast.scores, plain.scores)

@@ -8,6 +8,12 @@ top-k is re-selected by bucketing each row's values (a histogram, then an exact 
 the one bucket that holds the k-th value), about 4x faster than `torch.topk`, whose partition
 spends its time on unpredictable branches. The engine uses these loops on CPU tensors only; on
 a GPU it keeps its PyTorch path (tested equal).
+
+Scoring a grid cell multiplies the same two sparsity patterns once per p. `grouped_products`
+walks the patterns once for several p at a time (the p count is a compile-time constant, so
+the inner loop unrolls) and reduces each image's target scores to its groups' best on the
+fly: about 1.5x faster than one MKL sparse product per p, with bit-identical sums (the same
+order: anchors ascending).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from numba.np.unsafe.ndarray import to_fixed_tuple
 from torch import Tensor
 
 
@@ -110,3 +117,79 @@ def keep_top(values: Tensor, ids: Tensor, width: int, k: int) -> None:
     """
     _use_torch_threads()
     _keep_top(values.numpy(), ids.numpy(), width, k)
+
+
+# Most p values one `grouped_products` call takes (one compiled loop per count, up to this).
+MAX_WIDTH = 8
+
+
+def _grouped_products_loop(width: int):
+    """The loop of `grouped_products` for `width` p values at once (a compile-time constant)."""
+
+    @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def loop(image_crow, image_col, image_values, target_crow, target_row, target_values,
+             target_group, out):  # fmt: skip
+        targets, groups = target_group.shape[0], out.shape[2]
+        for row in numba.prange(image_crow.shape[0] - 1):
+            # acc[t * width + w]: the score of target t at the w-th p (one row, in cache).
+            acc = np.zeros(targets * width, dtype=np.float32)
+            for j in range(image_crow[row], image_crow[row + 1]):
+                # In registers: the compiler cannot tell that `acc` does not overwrite them.
+                weights = to_fixed_tuple(image_values[:, j], width)
+                anchor = image_col[j]
+                for e in range(target_crow[anchor], target_crow[anchor + 1]):
+                    at, et = target_row[e] * width, e * width
+                    for w in range(width):
+                        acc[at + w] += weights[w] * target_values[et + w]
+            best = np.full(groups * width, -np.inf, dtype=np.float32)
+            for t in range(targets):
+                at, bt = t * width, target_group[t] * width
+                for w in range(width):
+                    best[bt + w] = max(best[bt + w], acc[at + w])
+            for w in range(width):
+                for g in range(groups):
+                    out[w, row, g] = best[g * width + w]
+
+    return loop
+
+
+_GROUPED_PRODUCTS = {width: _grouped_products_loop(width) for width in range(1, MAX_WIDTH + 1)}
+
+
+def grouped_products(
+    image_crow: Tensor,
+    image_col: Tensor,
+    image_values: Tensor,
+    target_crow: Tensor,
+    target_row: Tensor,
+    target_values: Tensor,
+    target_group: Tensor,
+    groups: int,
+) -> Tensor:
+    """Scores of W sparse products sharing their patterns, reduced to each group's best target.
+
+    The images are CSR (rows x n) with `image_values` (W, nnz), row w the values of the w-th
+    product; the targets are CSR (n x targets), transposed, with `target_values` (nnz, W)
+    (interleaved: they are read in the innermost loop). Returns float32 (W, rows, groups):
+    out[w, r, g] = max over the targets t with target_group[t] = g of
+    sum_a image_w[r, a] * target_w[a, t] (-inf for a group without targets). Column indices
+    must be sorted within rows (sums run in anchor order).
+
+    float32 values, int32 indices; contiguous CPU tensors; 1 <= W <= MAX_WIDTH.
+    """
+    width = image_values.shape[0]
+    if not 1 <= width <= MAX_WIDTH or target_values.shape[1] != width:
+        raise ValueError(f"{width} image value rows, {target_values.shape[1]} target columns")
+    out = torch.empty(width, len(image_crow) - 1, groups)
+    _use_torch_threads()
+    _GROUPED_PRODUCTS[width](
+        image_crow.numpy(),
+        image_col.numpy(),
+        image_values.numpy(),
+        target_crow.numpy(),
+        target_row.numpy(),
+        target_values.numpy().reshape(-1),
+        target_group.numpy(),
+        out.numpy(),
+    )
+    return out

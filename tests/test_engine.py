@@ -330,3 +330,21 @@ def test_compiled_scoring_gives_the_pytorch_paths_scores_bit_for_bit(option_set,
     for fast, plain in zip(grids[True], grids[False], strict=True):
         assert (fast.n, fast.k, fast.p) == (plain.n, plain.k, plain.p)
         assert torch.equal(fast.scores, plain.scores)
+
+
+def test_densify_writes_every_entry_of_a_csr_matrix():
+    dense = torch.rand(7, 9, generator=torch.Generator().manual_seed(4))
+    dense[dense < 0.6] = 0
+    dense[3] = 0  # an empty row
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(engine._densify(dense.to_sparse_csr(), dtype), dense.to(dtype))
+
+
+def test_cost_model_builds_dense_blocks_only_where_the_gemm_repays_them():
+    # Measured on the CPU (experiments/bench/calibrate_scoring.py): at high density a dense GEMM
+    # wins with 1,000 targets; with 10 it does not repay building the dense image blocks.
+    cpu, budget = torch.device("cpu"), 2**28
+    assert engine._use_dense(5000, 1000, 1000, 800, 800, budget, cpu)
+    assert not engine._use_dense(5000, 10, 1000, 800, 1000, budget, cpu)
+    assert not engine._use_dense(5000, 1000, 16000, 800, 800, budget, cpu)  # sparse enough
+    assert not engine._use_dense(5000, 1000, 1000, 800, 800, 1000 * 1000 - 1, cpu)  # no room

@@ -711,12 +711,24 @@ def _sparse_dense_product(left: Tensor, right: Tensor, out: Tensor) -> None:
     out.copy_((left @ right).to_dense())
 
 
-# Cost of one multiply-add of a sparse-sparse product, in units of one multiply-add of a dense GEMM
-# (in the compute dtype), per device type. CPU: measured on the 2-core EPYC (MKL addmm against a
-# float32 GEMM; 40-150 from n = 10k to 50k at k = 800). CUDA: not measured, a guess (cuSPARSE
-# SpGEMM, ~1e9-1e10 products/s, against bf16 tensor cores, ~3e14 MAC/s); calibrate it with the
-# benchmark on a GPU.
-SPARSE_MAC_COST = {"cpu": 40.0, "cuda": 1e4}
+# The scoring cost model, in units of one multiply-add of a dense GEMM in the compute dtype, per
+# device type (`experiments/bench/calibrate_scoring.py` measures them):
+# - SPARSE_MAC_COST: one multiply-add of a sparse product (on a CPU the grid's compiled loop,
+#   several p per walk);
+# - DENSE_ZERO_COST: one element of a dense image block (allocated and zeroed);
+# - DENSE_FILL_COST: one non-zero written into it.
+# CPU: measured on the 2-core EPYC (2026-12-01, 2 threads, 5,000 rows, 10 and 1,000 targets):
+# sparse 11-36 where the choice is close (30 here; higher, up to 600, only where per-row work
+# dominates and sparse wins anyway), zero 13-130, fill 40-360 (the unit, a GEMM multiply-add,
+# is dearer with few targets). These constants pick the faster path in 17 of 18 measured cells
+# (the other a 5 % tie) and in all 35 (n, k) of the real Figure 4 grid (sparse everywhere; the
+# old model, without the cost of building dense blocks, took dense in 20 of them, 4x slower).
+# CUDA: not measured, guesses (cuSPARSE SpGEMM, ~1e9-1e10 products/s, against bf16 tensor cores,
+# ~3e14 multiply-adds/s; a zeroed element and a scattered entry about one and ten bytes' worth
+# of HBM bandwidth); calibrate them on a GPU.
+SPARSE_MAC_COST = {"cpu": 30.0, "cuda": 1e4}
+DENSE_ZERO_COST = {"cpu": 30.0, "cuda": 50.0}
+DENSE_FILL_COST = {"cpu": 300.0, "cuda": 500.0}
 
 
 def _use_dense(
@@ -730,18 +742,29 @@ def _use_dense(
 ) -> bool:
     """Dense GEMM when cheaper than the sparse product and the dense target fits the budget.
 
-    A sparse product costs rows * k_image * (nnz of the target per anchor) multiply-adds, where a
-    dense one costs rows * n * targets; at small n (density k/n high) dense wins.
+    A sparse product costs rows * k_image * (nnz of the target per anchor) multiply-adds. A
+    dense one costs rows * n * targets, plus building the dense image blocks: rows * n zeroed
+    elements and rows * k_image entries written. At small n (density k/n high) and many
+    targets dense wins; with few targets building the blocks costs more than the GEMM saves.
     """
     if n * targets > budget:
         return False
-    sparse = (
-        rows
-        * k_image
-        * (targets * k_target / n)
-        * SPARSE_MAC_COST.get(device.type, SPARSE_MAC_COST["cpu"])
+    device_type = device.type if device.type in SPARSE_MAC_COST else "cpu"
+    sparse = rows * k_image * (targets * k_target / n) * SPARSE_MAC_COST[device_type]
+    dense = rows * (
+        n * (targets + DENSE_ZERO_COST[device_type]) + k_image * DENSE_FILL_COST[device_type]
     )
-    return rows * n * targets < sparse
+    return dense < sparse
+
+
+def _densify(matrix: Tensor, dtype: torch.dtype) -> Tensor:
+    """A CSR matrix as a dense one, by one flat copy of its entries (`to_dense` costs several
+    times more per entry on a CPU)."""
+    rows, cols = matrix.shape
+    dense = torch.zeros(rows, cols, dtype=dtype, device=matrix.device)
+    flat = _csr_row_ids(matrix) * cols + matrix.col_indices()
+    dense.view(-1).index_copy_(0, flat, matrix.values().to(dtype))
+    return dense
 
 
 def _scores_t(
@@ -751,7 +774,7 @@ def _scores_t(
     in image chunks whose dense blocks (or sparse intermediate products) fit `budget` elements."""
     (images, n), targets = image_rr.shape, target_t.shape[1]
     if dense:
-        target_dense = target_t.to_dense().to(dtype)
+        target_dense = _densify(target_t, dtype)
         per_row = max(n, targets)
     else:  # a sparse product's intermediate products per image row
         per_row = image_rr.values().numel() / images * target_t.values().numel() / n
@@ -762,7 +785,7 @@ def _scores_t(
         end = min(start + rows_per_chunk, images)
         chunk = _csr_rows(image_rr, start, end)
         if dense:
-            out[start:end] = _matmul_f32(chunk.to_dense().to(dtype), target_dense)
+            out[start:end] = _matmul_f32(_densify(chunk, dtype), target_dense)
         else:
             _sparse_dense_product(chunk, target_t, out[start:end])
     return out

@@ -74,14 +74,16 @@ def main(out: Path) -> dict:
         md.append("- no result (see calibration.log)")
     else:
         md.append(
-            f"- {calibration['device']}, {calibration['dtype']}: SPARSE_MAC_COST current "
-            f"{calibration['current_constant']}, "
-            f"measured median {calibration['suggested_constant']}"
+            f"- {calibration['device']}, {calibration['dtype']}: the constants in use pick the "
+            f"faster path in {calibration['right_choices']} of {calibration['judged_cells']} "
+            "cells"
         )
+        for name, value in calibration["suggested"].items():
+            md.append(f"- {name}: in use {calibration['current'][name]}, measured median {value}")
         for cell in calibration["cells"]:
             md.append(
-                f"  - n={cell['n']} k={cell['k']}: dense {cell['dense_s']}, sparse "
-                f"{cell['sparse_s']}, cost {cell.get('measured_cost')}"
+                f"  - n={cell['n']} k={cell['k']}: per p dense {cell['dense_s']}, sparse "
+                f"{cell['sparse_s']}; engine takes {'dense' if cell['engine_dense'] else 'sparse'}"
             )
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "gpu_check.md").write_text("\n".join(md) + "\n")

@@ -717,12 +717,13 @@ def _sparse_dense_product(left: Tensor, right: Tensor, out: Tensor) -> None:
 #   several p per walk);
 # - DENSE_ZERO_COST: one element of a dense image block (allocated and zeroed);
 # - DENSE_FILL_COST: one non-zero written into it.
-# CPU: measured on the 2-core EPYC (2026-12-01, 2 threads, 5,000 rows, 10 and 1,000 targets):
-# sparse 11-36 where the choice is close (30 here; higher, up to 600, only where per-row work
-# dominates and sparse wins anyway), zero 13-130, fill 40-360 (the unit, a GEMM multiply-add,
-# is dearer with few targets). These constants pick the faster path in 17 of 18 measured cells
-# (the other a 5 % tie) and in all 35 (n, k) of the real Figure 4 grid (sparse everywhere; the
-# old model, without the cost of building dense blocks, took dense in 20 of them, 4x slower).
+# CPU: measured on the 2-core EPYC (2026-12-01, 2 threads, 5,000 rows; medians with 10 and 1,000
+# targets): sparse 43 and 50 (12-45 in the cells where the choice is close; far higher only
+# where per-row work dominates and sparse wins anyway), zero 12 and 124, fill 53 and 638 (the
+# unit, one GEMM multiply-add, is dearer with few targets). These constants pick the faster
+# path in all 18 measured cells (one a 2 % tie) and in all 35 (n, k) of the real Figure 4 grid
+# (sparse everywhere; the old model, without the cost of building dense blocks, took dense in
+# 20 of them, 4x slower).
 # CUDA: not measured, guesses (cuSPARSE SpGEMM, ~1e9-1e10 products/s, against bf16 tensor cores,
 # ~3e14 multiply-adds/s; a zeroed element and a scattered entry about one and ten bytes' worth
 # of HBM bandwidth); calibrate them on a GPU.

@@ -1015,8 +1015,8 @@ def _cell_scores(
     normalize_image = options.normalize == "both"
     normalize_prompt = options.normalize in ("both", "prompt")
     compiled = image_layout.crow.device.type == "cpu" and USE_CPU_KERNELS and not dense
-    width = min(MAX_WIDTH, options.budget_elements // (images * num_groups)) if compiled else 1
-    width = max(1, width)
+    scores_per_p = max(1, images * num_groups)
+    width = max(1, min(MAX_WIDTH, options.budget_elements // scores_per_p)) if compiled else 1
     for start in range(0, len(ps), width):
         batch = ps[start : start + width]
         targets = [

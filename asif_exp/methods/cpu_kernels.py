@@ -172,8 +172,8 @@ def grouped_products(
     product; the targets are CSR (n x targets), transposed, with `target_values` (nnz, W)
     (interleaved: they are read in the innermost loop). Returns float32 (W, rows, groups):
     out[w, r, g] = max over the targets t with target_group[t] = g of
-    sum_a image_w[r, a] * target_w[a, t] (-inf for a group without targets). Column indices
-    must be sorted within rows (sums run in anchor order).
+    sum_a image_w[r, a] * target_w[a, t] (-inf for a group without targets). Sums run in each
+    row's column order: with sorted column indices, the order (and the bits) of MKL's product.
 
     float32 values, int32 indices; contiguous CPU tensors; 1 <= W <= MAX_WIDTH.
     """

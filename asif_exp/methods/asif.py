@@ -846,17 +846,9 @@ def score_targets(
     targets_t = _targets_t(prompt_t, groups, num_groups, options, averaging_t)
     dtype = options.resolved_dtype(device) if dense else torch.float32
     target_scores = _scores_t(image_rr, targets_t, options.budget_elements, dense, dtype)
-    return targets_t, target_scores, _group_scores(target_scores, groups, num_groups, options)
-
-
-def _group_scores(
-    target_scores: Tensor, groups: Tensor, num_groups: int, options: AsifOptions
-) -> Tensor:
-    """(images x groups) from (images x targets): the targets are the groups ("mean"), or
-    each group's best prompt decides ("max")."""
     if options.template_aggregation == "mean":
-        return target_scores
-    return max_over_groups(target_scores, groups, num_groups)
+        return targets_t, target_scores, target_scores
+    return targets_t, target_scores, max_over_groups(target_scores, groups, num_groups)
 
 
 def prompt_representations_t(top: TopK, k: int, p: float, options: AsifOptions) -> Tensor:
@@ -1019,36 +1011,42 @@ def _cell_scores(
     width = max(1, min(MAX_WIDTH, options.budget_elements // scores_per_p)) if compiled else 1
     for start in range(0, len(ps), width):
         batch = ps[start : start + width]
-        targets = [
-            _targets_t(
+        if compiled and len(batch) > 1:  # (for a single p, MKL's product is as fast)
+            targets = [
+                _targets_t(
+                    prompt_layout.csr(p, clamp, normalize_prompt),
+                    groups,
+                    num_groups,
+                    options,
+                    averaging_t,
+                )
+                for p in batch
+            ]
+            if all(_same_pattern(targets[0], other) for other in targets[1:]):
+                mean = options.template_aggregation == "mean"
+                scores = grouped_products(  # int32 indices: less memory to read per product
+                    image_layout.crow.int(),
+                    image_layout.col.int(),
+                    torch.stack([image_layout.values(p, clamp, normalize_image) for p in batch]),
+                    targets[0].crow_indices().int(),
+                    targets[0].col_indices().int(),
+                    torch.stack([target.values() for target in targets], 1),
+                    (torch.arange(num_groups) if mean else groups).int(),  # mean: class = group
+                    num_groups,
+                )
+                yield from zip(batch, scores, strict=True)
+                continue
+        for p in batch:
+            _, _, scores = score_targets(
+                image_layout.csr(p, clamp, normalize_image),
                 prompt_layout.csr(p, clamp, normalize_prompt),
                 groups,
                 num_groups,
                 options,
+                dense,
                 averaging_t,
             )
-            for p in batch
-        ]
-        # (For a single p, MKL's product is as fast.)
-        if len(batch) > 1 and all(_same_pattern(targets[0], other) for other in targets[1:]):
-            mean = options.template_aggregation == "mean"
-            scores = grouped_products(  # int32 indices: less memory to read per product
-                image_layout.crow.int(),
-                image_layout.col.int(),
-                torch.stack([image_layout.values(p, clamp, normalize_image) for p in batch]),
-                targets[0].crow_indices().int(),
-                targets[0].col_indices().int(),
-                torch.stack([target.values() for target in targets], 1),
-                (torch.arange(num_groups) if mean else groups).int(),  # mean: a class per group
-                num_groups,
-            )
-            yield from zip(batch, scores, strict=True)
-            continue
-        for p, targets_t in zip(batch, targets, strict=True):
-            image_rr = image_layout.csr(p, clamp, normalize_image)
-            dtype = options.resolved_dtype(image_rr.device) if dense else torch.float32
-            target_scores = _scores_t(image_rr, targets_t, options.budget_elements, dense, dtype)
-            yield p, _group_scores(target_scores, groups, num_groups, options)
+            yield p, scores
 
 
 def _same_pattern(a: Tensor, b: Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Fused CPU loops for the streaming top-k pass, compiled by numba.
+"""Fused CPU loops for the streaming top-k pass and for grid scoring, compiled by numba.
 
 PyTorch has no single CPU operation for "append the entries of each row above that row's
 threshold": it takes a compare, a `nonzero` and half a dozen index operations, each a pass over

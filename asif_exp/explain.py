@@ -39,14 +39,8 @@ from asif_exp.config import (
     PathsConfig,
     RunConfig,
 )
-from asif_exp.data import (
-    AnchorSet,
-    Benchmark,
-    CaptionedBenchmark,
-    DataError,
-    load_anchors,
-    load_benchmark,
-)
+from asif_exp.data import AnchorSet, Benchmark, CaptionedBenchmark, load_anchors, load_benchmark
+from asif_exp.errors import ConfigError, DataError
 from asif_exp.memory import (
     AsifModel,
     Prompts,
@@ -59,7 +53,7 @@ from asif_exp.memory import (
 )
 from asif_exp.memory.figures import render_coverage, render_explanation, render_usage, write_csv
 from asif_exp.methods.asif import asif_options, grid_values
-from asif_exp.options import ConfigError, as_list, check_config, single
+from asif_exp.options import as_list, check_config, single
 from asif_exp.pipeline import (
     Embedder,
     class_prompt_targets,

@@ -225,8 +225,10 @@ class EmbeddingCache:
             for tensor, stored in chunk.names.items():
                 shape = header[stored][0] if stored in header else None
                 expected = entry.meta["shapes"][tensor]
-                if shape is None or shape[1:] != expected[1:] or (shape[:1] or [0])[0] != (
-                    chunk.rows[tensor]
+                if (
+                    shape is None
+                    or shape[1:] != expected[1:]
+                    or (shape[:1] or [0])[0] != (chunk.rows[tensor])
                 ):
                     raise ValueError(f"chunk {name}: tensor {stored} does not match the metadata")
                 totals[tensor] = totals.get(tensor, 0) + chunk.rows[tensor]

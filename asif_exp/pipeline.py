@@ -28,7 +28,14 @@ from asif_exp.data import (
     readable_in_prefixes,
     sha_of,
 )
-from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key, refuse_bad_images
+from asif_exp.embeddings import (
+    EmbeddingCache,
+    encode_images,
+    identity_key,
+    refuse_bad_images,
+    storage_dtype,
+    with_storage_dtype,
+)
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
 from asif_exp.methods.base import Method, MethodReport, load_method
 from asif_exp.options import ConfigError, anchor_prefixes, check_config
@@ -42,6 +49,7 @@ from asif_exp.results import (
     read_results,
     results_from_dict,
 )
+from asif_exp.rows import ChunkedRows
 from asif_exp.tasks.base import Task, load_task
 from asif_exp.tracking import open_tracker
 
@@ -51,14 +59,17 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- cache identities
 
 
-def image_cache_identity(vision_cfg, source) -> dict:
-    """Everything that changes an image set's embeddings: encoder (weights, preprocessing)
-    and the images' content and order (`source.fingerprint`), not where they are stored."""
-    return {"kind": "image", "encoder": vision_identity(vision_cfg), "data": source.fingerprint}
+def image_cache_identity(vision_cfg, source, dtype: str = "float32") -> dict:
+    """Everything that changes an image set's embeddings: encoder (weights, preprocessing),
+    the images' content and order (`source.fingerprint`), not where they are stored, and the
+    dtype they are stored in (`cache_dtype`)."""
+    identity = {"kind": "image", "encoder": vision_identity(vision_cfg), "data": source.fingerprint}
+    return with_storage_dtype(identity, dtype)
 
 
-def text_cache_identity(text_cfg, texts: list[str]) -> dict:
-    return {"kind": "text", "encoder": text_identity(text_cfg), "texts_sha": sha_of(texts)}
+def text_cache_identity(text_cfg, texts: list[str], dtype: str = "float32") -> dict:
+    identity = {"kind": "text", "encoder": text_identity(text_cfg), "texts_sha": sha_of(texts)}
+    return with_storage_dtype(identity, dtype)
 
 
 def encoder_identities(cfg: DictConfig) -> dict:
@@ -66,11 +77,14 @@ def encoder_identities(cfg: DictConfig) -> dict:
 
 
 class Embedder:
-    """Cached embeddings for a job; encoders are loaded only on a cache miss."""
+    """Cached embeddings for a job; encoders are loaded only on a cache miss. With `lazy`,
+    matrices read from the cache are `ChunkedRows` (read from disk as they are used)."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.cache = EmbeddingCache(cfg.paths.cache_dir, enabled=cfg.cache)
+        self.dtype_name = cfg.get("cache_dtype", "float32")
+        self.dtype = storage_dtype(self.dtype_name)
         self.cached: dict[str, bool] = {}
         self.keys: list[str] = []  # identity keys of everything embedded, in order
 
@@ -82,10 +96,12 @@ class Embedder:
     def text_encoder(self) -> TextEncoder:
         return TextEncoder(self.cfg.encoder.text, self.cfg.device)
 
-    def images(self, source, description: str) -> tuple[torch.Tensor, list[int], list[dict]]:
+    def images(
+        self, source, description: str, lazy: bool = False
+    ) -> tuple[torch.Tensor | ChunkedRows, list[int], list[dict]]:
         """(embeddings of the readable images, their positions in `source`, the failures)."""
         vision = self.cfg.encoder.vision
-        identity = image_cache_identity(vision, source)
+        identity = image_cache_identity(vision, source, self.dtype_name)
 
         def compute():
             sliced = self._slice_of_cached_parent(source)
@@ -103,7 +119,9 @@ class Embedder:
             )
             return {"embeddings": embeddings, "kept": torch.tensor(kept)}, {"failures": failures}
 
-        tensors, extra, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        tensors, extra, self.cached[description] = self.cache.get_or_compute(
+            identity, compute, self.dtype, lazy
+        )
         refuse_bad_images(extra["failures"], self.cfg.data.on_bad_image, description)
         self.keys.append(identity_key(identity))
         failures = extra["failures"]
@@ -127,7 +145,9 @@ class Embedder:
         fall in the subset come along (and are refused or skipped as `data.on_bad_image` says)."""
         if not isinstance(source, Subset):
             return None
-        parent = self.cache.load(image_cache_identity(self.cfg.encoder.vision, source.source))
+        parent = self.cache.load(
+            image_cache_identity(self.cfg.encoder.vision, source.source, self.dtype_name)
+        )
         if parent is None:
             return None
         tensors, extra = parent
@@ -144,13 +164,17 @@ class Embedder:
             "failures": failures
         }
 
-    def texts(self, texts: list[str], description: str) -> torch.Tensor:
-        identity = text_cache_identity(self.cfg.encoder.text, texts)
+    def texts(
+        self, texts: list[str], description: str, lazy: bool = False
+    ) -> torch.Tensor | ChunkedRows:
+        identity = text_cache_identity(self.cfg.encoder.text, texts, self.dtype_name)
 
         def compute():
             return {"embeddings": self.text_encoder().encode(texts, self.cfg.progress)}, {}
 
-        tensors, _, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        tensors, _, self.cached[description] = self.cache.get_or_compute(
+            identity, compute, self.dtype, lazy
+        )
         self.keys.append(identity_key(identity))
         return tensors["embeddings"]
 
@@ -161,15 +185,18 @@ class Embedder:
 @dataclass
 class EmbeddedAnchors:
     data: AnchorSet
-    images: torch.Tensor  # readable pairs only, dataset order
-    texts: torch.Tensor
+    images: torch.Tensor | ChunkedRows  # readable pairs only, dataset order
+    texts: torch.Tensor | ChunkedRows
     kept: list[int]  # positions of the readable pairs in the anchor set
     failures: list[dict]
 
 
-def embed_anchors(embedder: Embedder, anchors: AnchorSet) -> EmbeddedAnchors:
-    images, kept, failures = embedder.images(anchors.images, f"anchors {anchors.name}")
-    texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}")[kept]
+def embed_anchors(embedder: Embedder, anchors: AnchorSet, lazy: bool = False) -> EmbeddedAnchors:
+    """The anchors' embeddings; with `lazy`, cached ones stay on disk (`ChunkedRows`, for a
+    method that streams them: `streams_anchors`)."""
+    images, kept, failures = embedder.images(anchors.images, f"anchors {anchors.name}", lazy)
+    # (for ChunkedRows, a lazy selection)
+    texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}", lazy)[kept]
     return EmbeddedAnchors(anchors, images, texts, kept, failures)
 
 
@@ -206,11 +233,12 @@ def embed_problem(
     embedder: Embedder,
     anchors: AnchorSet,
     benchmark: Benchmark | CaptionedBenchmark,
+    lazy_anchors: bool = False,
 ) -> EmbeddedProblem:
     """Anchors, benchmark images and their targets, embedded (from the cache if there): class
     prompts and labels for a labelled benchmark, captions and each caption's image for a
-    benchmark of image-caption pairs."""
-    anchor = embed_anchors(embedder, anchors)
+    benchmark of image-caption pairs. With `lazy_anchors`, cached anchors stay on disk."""
+    anchor = embed_anchors(embedder, anchors, lazy_anchors)
     images, kept, failures = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
     if isinstance(benchmark, CaptionedBenchmark):
         targets, truth, details = caption_targets(embedder, benchmark, kept)
@@ -358,7 +386,8 @@ def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
 
     embedder = Embedder(cfg)
     t = time.perf_counter()
-    problem = embed_problem(cfg, embedder, anchors, benchmark)
+    streams = getattr(method, "streams_anchors", False)
+    problem = embed_problem(cfg, embedder, anchors, benchmark, lazy_anchors=streams)
     timings = {"embeddings_s": time.perf_counter() - t}
     used = readable_prefixes(listed_ns, problem.anchor_positions)
     ns = sorted(set(used.values()))

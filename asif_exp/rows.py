@@ -68,7 +68,9 @@ class ChunkedRows:
         return self.numel() * self.dtype.itemsize
 
     def __repr__(self) -> str:
-        return f"ChunkedRows(shape={tuple(self.shape)}, dtype={self.dtype}, chunks={len(self.parts)})"
+        return (
+            f"ChunkedRows(shape={tuple(self.shape)}, dtype={self.dtype}, chunks={len(self.parts)})"
+        )
 
     # -- views
     def _view(self, selection: Tensor | None, span: tuple[int, int] | None) -> ChunkedRows:

@@ -207,9 +207,7 @@ def test_storage_dtype_halves_the_entry_and_reads_back_float32(tmp_path):
         identity = with_storage_dtype(IDENTITY, name)
         assert cache.path(identity) != cache.path(IDENTITY)
         dtype = storage_dtype(name)
-        computed, _, _ = cache.get_or_compute(
-            identity, lambda: ({"embeddings": values}, {}), dtype
-        )
+        computed, _, _ = cache.get_or_compute(identity, lambda: ({"embeddings": values}, {}), dtype)
         read, _, cached = cache.get_or_compute(identity, None, dtype)
         assert cached and read["embeddings"].dtype == torch.float32
         assert torch.equal(read["embeddings"], values.to(dtype).float())
@@ -237,7 +235,13 @@ def linked_entry(tmp_path, chunk_rows=(4, 0, 3, 5)):
         chunk = cache.entry(identity).chunks[0]
         parts.append(part)
         sources.append(
-            Chunk(chunk.file, chunk.bytes, chunk.sha256, {"embeddings": rows}, {"embeddings": "vectors"})
+            Chunk(
+                chunk.file,
+                chunk.bytes,
+                chunk.sha256,
+                {"embeddings": rows},
+                {"embeddings": "vectors"},
+            )
         )
     cache.save_linked(IDENTITY, sources, {"note": 1})
     return cache, torch.cat(parts)

@@ -13,9 +13,11 @@ log = logging.getLogger("asif_exp")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     with user_errors_in_one_line():
         results = run_job(cfg)
+    if results is None:  # a rank > 0 of a sharded run: rank 0 reports
+        return None
     log.info("\n%s\nresults: %s/results.json", summary_table(results), cfg.paths.output_dir)
     return results.headline.metrics[results.primary_metric]  # the objective, for sweepers
 

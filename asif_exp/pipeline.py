@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from asif_exp import distributed
 from asif_exp.data import (
     AnchorSet,
     Benchmark,
@@ -292,21 +293,29 @@ def run(cfg: DictConfig) -> dict:
     return run_job(cfg).to_dict()
 
 
-def run_job(cfg: DictConfig) -> RunResults:
+def run_job(cfg: DictConfig) -> RunResults | None:
     """Run one job and return its results record (also written to `<output_dir>/results.json`).
 
     With `skip_existing`, a job whose results.json holds this config's results is not run again
-    (resuming a sweep).
+    (resuming a sweep). Started by torchrun (or as several SLURM tasks), the processes share the
+    top-k pass (`asif_exp.distributed`); rank 0 alone scores, writes and returns the results,
+    the others return None.
     """
     check_config(cfg)  # before anything is read, encoded or tracked
+    distributed.setup(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     results_path = output_dir / RESULTS_FILE
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.skip_existing and results_path.exists():
+    finished = None
+    if cfg.skip_existing and results_path.exists() and distributed.is_main():
         finished = finished_results(results_path, resolved)
+    if distributed.from_main(finished is not None):  # all ranks skip, or none
         if finished is not None:
             log.info("skip_existing: %s already holds this job's results", results_path)
-            return finished
+        return finished
+    if not distributed.is_main():
+        evaluate(cfg, resolved)  # its share of the top-k pass
+        return None
     job_name = f"{cfg.anchors.name}-{cfg.benchmark.name}-n{cfg.asif.n}-k{cfg.asif.k}-p{cfg.asif.p}"
     with open_tracker(cfg.logger, resolved, output_dir, job_name) as tracker:
         results = evaluate(cfg, resolved)
@@ -373,7 +382,7 @@ def finished_results(path: Path, resolved: dict) -> RunResults | None:
     return finished
 
 
-def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
+def evaluate(cfg: DictConfig, resolved: dict) -> RunResults | None:
     started = time.perf_counter()
     method, task = load_method(cfg), load_task(cfg)
     torch.manual_seed(cfg.seed)
@@ -383,17 +392,28 @@ def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
     check_task_fits_benchmark(task, benchmark)
     listed_ns = anchor_prefixes(cfg.asif.n, len(anchors.captions))  # n = null: all listed
     method.check(listed_ns)  # before any encoding
+    streams = getattr(method, "streams_anchors", False)
+    if distributed.world_size() > 1 and not streams:
+        raise ConfigError(
+            f"method={method.name} does not shard its anchors over processes: run it as one "
+            "process (not under torchrun)"
+        )
 
     embedder = Embedder(cfg)
     t = time.perf_counter()
-    streams = getattr(method, "streams_anchors", False)
-    problem = embed_problem(cfg, embedder, anchors, benchmark, lazy_anchors=streams)
+    with distributed.main_first():  # rank 0 fills the cache, the others read it
+        problem = embed_problem(cfg, embedder, anchors, benchmark, lazy_anchors=streams)
     timings = {"embeddings_s": time.perf_counter() - t}
     used = readable_prefixes(listed_ns, problem.anchor_positions)
     ns = sorted(set(used.values()))
     method.check(ns)
 
     report = MethodReport()
+    if not distributed.is_main():
+        for _ in method.score(problem, ns, report):  # the top-k pass only; rank 0 scores
+            pass
+        return None
+    report.notes["world_size"] = distributed.world_size()  # processes of the top-k pass
     cells = listed_prefix_cells(score_and_measure(method, task, problem, ns, report), used)
     skipped = report.notes.get("skipped_cells_k_gt_n")
     if skipped is not None:

@@ -15,13 +15,14 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from asif_exp import distributed
 from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
 from asif_exp.methods.cpu_kernels import MAX_WIDTH, append_above, grouped_products, keep_top
 from asif_exp.options import (
@@ -34,6 +35,7 @@ from asif_exp.options import (
     positive_values,
 )
 from asif_exp.problem import EmbeddedProblem
+from asif_exp.rows import ChunkedRows, read_rows
 from asif_exp.tasks.classification import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -132,11 +134,13 @@ class TopK:
 # ----------------------------------------------------------------------------- validation
 
 
-def check_embeddings(name: str, embeddings: Tensor) -> None:
+def check_embeddings(name: str, embeddings: Tensor | ChunkedRows) -> None:
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
         raise ValueError(
             f"{name}: expected a non-empty 2-D tensor, got shape {tuple(embeddings.shape)}"
         )
+    if isinstance(embeddings, ChunkedRows):
+        return  # on disk: each tile is checked as the pass reads it (`_anchor_reader`)
     # A row whose sum is finite has only finite entries (NaN and inf propagate; inf - inf is
     # NaN): one fast reduction instead of a full-size boolean tensor; only rows whose sum is
     # not finite (including finite rows that overflow it) are looked at entry by entry.
@@ -258,7 +262,7 @@ def _similarities(block: Tensor, anchors: Tensor) -> Tensor:
     return _matmul_f32(block, anchors.T)
 
 
-def _resident(anchors: Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+def _resident(anchors: Tensor | ChunkedRows, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether all anchors fit on the device (half of its free memory); else copy per chunk."""
     if device.type != "cuda":
         return True
@@ -448,17 +452,48 @@ CPU_TILE_ELEMENTS = 2**22
 POOL_WIDTH = 4
 
 
+def _anchor_reader(
+    anchors: Tensor | ChunkedRows,
+    n_max: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    normalize: bool,
+) -> Callable[[int, int], Tensor]:
+    """Anchor rows [start, end) as the pass multiplies them: on the device, in the compute
+    dtype, unit-norm if `normalize` (per tile: never a normalised copy of all anchors; a row's
+    norm does not depend on the rows beside it). `ChunkedRows` are read from disk tile by tile
+    and each tile is checked for NaN and inf. On a GPU, anchors that fit are converted once and
+    stay there (tile by tile, so no full float32 copy is made)."""
+
+    def tile(start: int, end: int) -> Tensor:
+        rows = read_rows(anchors, start, end)
+        if isinstance(anchors, ChunkedRows):
+            check_embeddings(f"anchor rows {start}..{end - 1}", rows)
+        return (unit_rows(rows) if normalize else rows).to(device=device, dtype=dtype)
+
+    if device.type != "cuda" or not _resident(anchors[:n_max], device, dtype):
+        return tile
+    resident = torch.empty((n_max, anchors.shape[1]), device=device, dtype=dtype)
+    step = max(1, CPU_TILE_ELEMENTS // anchors.shape[1])
+    for start in range(0, n_max, step):
+        resident[start : start + step] = tile(start, min(start + step, n_max))
+    return lambda start, end: resident[start:end]
+
+
 def streaming_topk(
     queries: Tensor,
-    anchors: Tensor,
+    anchors: Tensor | ChunkedRows,
     ns: Sequence[int],
     k_max: int,
     options: AsifOptions = AsifOptions(),
     desc: str = "top-k",
     progress: bool = True,
     to_cpu: bool = True,
+    normalize_anchors: bool = False,
 ) -> dict[int, TopK]:
-    """Running top-k_max of unit-norm `queries` against the first n `anchors`, for every n in `ns`.
+    """Running top-k_max of unit-norm `queries` against the first n `anchors`, for every n in `ns`
+    (anchors unit-norm, or normalised tile by tile with `normalize_anchors`; a tensor, or
+    `ChunkedRows` read from disk tile by tile).
 
     Anchors are visited once in prefix order, one tile (rows x anchors) of similarities at a time.
     Once k_max are held, only entries above the running k-th value are kept as candidates (a
@@ -478,9 +513,7 @@ def streaming_topk(
     width = max(1, min(n_max, tile_elements // rows_per_block))
     bounds = _chunk_bounds(ns, width, first=min(width, max(4 * k_max, 4096)))
 
-    anchors = anchors[:n_max]
-    if _resident(anchors, device, dtype):
-        anchors = anchors.to(device=device, dtype=dtype)
+    anchor_tile = _anchor_reader(anchors, n_max, device, dtype, normalize_anchors)
     snapshots: dict[int, list[tuple[Tensor, Tensor]]] = {n: [] for n in ns}
     bar = tqdm(
         total=len(bounds) * math.ceil(rows / rows_per_block), desc=desc, disable=not progress
@@ -489,7 +522,7 @@ def streaming_topk(
         block = queries[row_start : row_start + rows_per_block].to(device=device, dtype=dtype)
         pool = _CandidatePool(len(block), k_max, POOL_WIDTH * k_max, n_max, device, width)
         for start, end in bounds:
-            sims = _similarities(block, anchors[start:end].to(device=device, dtype=dtype))
+            sims = _similarities(block, anchor_tile(start, end))
             if pool.threshold() is None:  # not yet a selection of k_max anchors
                 pool.add_all(sims, start)
             else:
@@ -506,7 +539,9 @@ def streaming_topk(
 
 
 def _memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) -> dict[int, TopK]:
-    """Top-k snapshots from `memo` where a wide enough one exists; the rest in one pass."""
+    """Top-k snapshots from `memo` where a wide enough one exists; the rest in one pass (over
+    this process's shard of the anchors, merged exactly, when several processes share it:
+    `asif_exp.distributed`)."""
     memo = {} if memo is None else memo
     device = options.resolved_device()
     key = (side, str(device), options.resolved_dtype(device))
@@ -514,15 +549,17 @@ def _memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) -
     found = {n: top for n, top in found.items() if top.values.shape[1] >= min(k_max, n)}
     missing = [n for n in ns if n not in found]
     if missing:
-        computed = streaming_topk(
+        one_pass = streaming_topk if distributed.world_size() == 1 else distributed.sharded_topk
+        computed = one_pass(
             unit_rows(queries),
-            unit_rows(anchors),
+            anchors,
             missing,
             k_max,
             options,
             f"{side} top-k",
             progress,
             to_cpu=False,
+            normalize_anchors=True,
         )
         found.update(computed)
         memo.update({key + (n,): top for n, top in computed.items()})
@@ -953,6 +990,8 @@ def score_grid(
     )
     _synchronize(device)
     report["topk_s"] = time.perf_counter() - start
+    if not distributed.is_main():
+        return  # the other processes of a sharded pass only help with the top-k
 
     scoring_s = 0.0
     images, prompts = inputs.images.shape[0], len(prompt_class)
@@ -1142,6 +1181,8 @@ def topk_memo_for(embedding_keys: tuple) -> dict:
 @dataclass
 class AsifMethod:
     """ASIF over the grid anchor prefixes x `asif.k` x `asif.p`, in one top-k pass."""
+
+    streams_anchors = True  # reads the anchors tile by tile: they may stay on disk
 
     ks: list[int]
     ps: list[float]

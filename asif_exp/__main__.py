@@ -1,6 +1,9 @@
-"""`python -m asif_exp`: compose the config with Hydra and run one job."""
+"""`python -m asif_exp`: compose the config with Hydra and run one job (under `torchrun`, one
+rank of a sharded job: see asif_exp/distributed.py)."""
 
 import logging
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -22,5 +25,13 @@ def main(cfg: DictConfig) -> float | None:
     return results.headline.metrics[results.primary_metric]  # the objective, for sweepers
 
 
+def quiet_other_ranks() -> None:
+    """A rank > 0 of torchrun writes no Hydra files (config copies, log file) that could clash
+    with rank 0's in a shared output directory: it logs to the console only."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 if __name__ == "__main__":
+    quiet_other_ranks()
     run_cli(main)

@@ -108,7 +108,7 @@ def sharded_topk(
 ) -> dict:
     """`streaming_topk` over this rank's shard of the anchors, merged exactly over all ranks:
     every rank returns the top-k_max of each n of `ns`, as one process would compute it."""
-    from asif_exp.methods.asif import TopK, select_topk, streaming_topk
+    from asif_exp.methods.asif.topk import TopK, select_topk, streaming_topk
 
     me, size = rank(), world_size()
     ns = sorted(set(ns))

@@ -90,7 +90,8 @@ TIES_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from asif_exp import distributed
-    from asif_exp.methods.asif import AsifOptions, streaming_topk, unit_rows
+    from asif_exp.methods.asif import AsifOptions, streaming_topk
+    from asif_exp.tensors import unit_rows
 
     distributed.setup("cpu")
     generator = torch.Generator().manual_seed(0)
@@ -125,7 +126,8 @@ def test_a_lazy_anchor_matrix_gives_the_tensors_top_k(tmp_path):
     from test_cache import linked_entry
 
     from asif_exp.embeddings import EmbeddingCache
-    from asif_exp.methods.asif import AsifOptions, streaming_topk, unit_rows
+    from asif_exp.methods.asif import AsifOptions, streaming_topk
+    from asif_exp.tensors import unit_rows
 
     cache, whole = linked_entry(tmp_path, chunk_rows=(40, 0, 33, 57))
     lazy = cache.load_rows({"kind": "image", "encoder": {"name": "e"}, "data": {"ids_sha": "abc"}})

@@ -44,6 +44,7 @@ from asif_exp import distributed  # noqa: E402
 from asif_exp.embeddings import EmbeddingCache  # noqa: E402
 from asif_exp.extract import renamed  # noqa: E402
 from asif_exp.methods import asif  # noqa: E402
+from asif_exp.methods.asif import topk  # noqa: E402
 
 # The grid of the issue, for 12M anchors: n scales with --anchors.
 N_FRACTIONS = (1.6 / 12, 3.2 / 12, 6.4 / 12, 1.0)
@@ -128,8 +129,8 @@ class PassClock:
         ] = []  # per pass: (seconds, products) at each snapshot
 
     def install(self) -> None:
-        streaming_topk, similarities = asif.streaming_topk, asif._similarities
-        snapshot = asif._CandidatePool.snapshot
+        streaming_topk, similarities = topk.streaming_topk, topk.similarities
+        snapshot = topk.CandidatePool.snapshot
 
         def timed_pass(*args, **kwargs):
             self.passes.append([])
@@ -147,8 +148,8 @@ class PassClock:
             self.passes[-1].append((time.perf_counter() - self.started, self.products))
             return out
 
-        asif.streaming_topk, asif._similarities = timed_pass, timed_products
-        asif._CandidatePool.snapshot = timed_snapshot
+        topk.streaming_topk, topk.similarities = timed_pass, timed_products
+        topk.CandidatePool.snapshot = timed_snapshot
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -68,6 +68,10 @@ def setup(device: str) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this GPU
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     log.info("rank %d of %d (%s)", dist.get_rank(), size, dist.get_backend())
+    if dist.get_rank() > 0:  # rank 0's log file is the job's (SLURM tasks share the job's dir)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
     return size
 
 

@@ -296,15 +296,16 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# bench_scale: {args.anchors:,} anchor pairs, d={args.dim} both sides, float16 on disk "
         f"({anchor_bytes / 1e9:.2f} GB, both sets); {args.queries} queries, {args.prompts} prompts "
-        f"({CLASSES} classes); n={ns} k={KS} p={PS}; {THREADS} CPU threads per run"
+        f"({CLASSES} classes); n={ns} k={KS} p={PS}; {THREADS} CPU threads per run",
+        flush=True,
     )
-    results = {size: run(args, size) for size in (1, 2)}
     print(f"{'processes':>9} {'n':>11} {'top-k to n (s)':>15} {'products (s)':>13}")
-    for size, result in results.items():
+    results = {}
+    for size in (1, 2):  # each run's lines as soon as it is done
+        result = results[size] = run(args, size)
         for n in ns:
             seconds, products = per_n(result, n)
             print(f"{size:>9} {n:>11,} {seconds:>15.1f} {products:>13.1f}")
-    for size, result in results.items():
         peaks = ", ".join(
             f"rank {r}: {kb / 1024:.0f} MB" for r, kb in enumerate(result["peaks_kb"])
         )
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{size} process{'es' if size > 1 else ''}: wall {result['wall_s']:.1f} s "
             f"(top-k {result['ranks'][0]['topk_s']:.1f} s, scoring {scoring:.1f} s); "
-            f"peak RssAnon {peaks}"
+            f"peak RssAnon {peaks}",
+            flush=True,
         )
     peak = max(sum(result["peaks_kb"]) * 1024 for result in results.values())
     print(f"peak memory / anchor bytes: {peak / anchor_bytes:.2f}x")

@@ -178,6 +178,9 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     cache: bool = True
+    # how embeddings are stored in the cache: float32, or float16 / bfloat16 (half the disk
+    # and memory; part of the cache identity)
+    cache_dtype: str = "float32"
     progress: bool = True
     sweep_name: str | None = None
     skip_existing: bool = False
@@ -202,6 +205,7 @@ class ExtractRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     device: str = "auto"  # auto: cuda (cuda:<shard % devices> with several GPUs), else cpu
+    cache_dtype: str = "float32"  # as in the run config: the entries a run looks up
     progress: bool = True
 
 

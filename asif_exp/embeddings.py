@@ -1,12 +1,26 @@
 """Encode once, cache by full identity, reuse everywhere.
 
-A cache entry is a directory `<cache_dir>/embeddings/<key>/` holding `embeddings.safetensors`
-and `meta.json` (identity, shape, sha256 of the tensor file). Entries are written once: each
-writer builds its own staging directory and renames it onto the entry (atomic), so a reader sees
-a whole entry or none, and concurrent writers of one entry (parallel sweeps sharing a cache)
-never disturb each other: when the entry is already there and whole, the later writer discards
-its copy. An entry whose file does not match its metadata is reported, moved aside, deleted and
-recomputed. Files are created with the permissions the umask allows (a cache a group shares).
+A cache entry is a directory `<cache_dir>/embeddings/<key>/` holding `meta.json` (identity,
+shapes, and each chunk file's size and sha256) and one or more chunk files (safetensors); each
+tensor of the entry is the concatenation, along rows, of its part in every chunk. An entry of
+the anchors of a chunked extraction is made of the extraction's own chunk files (hard links: no
+copy, no merge in memory); `load_rows` gives its matrices as `ChunkedRows`, read tile by tile
+from disk. Entries written before chunking (one `embeddings.safetensors`, no `chunks` in
+meta.json) are read as entries of one chunk.
+
+Floating tensors are stored in the dtype the user picks (`cache_dtype`: float32, float16 or
+bfloat16; part of the identity unless float32) and read back as float32.
+
+Integrity: every chunk is hashed once and its stat (size, mtime_ns, inode) recorded as a stamp
+in `verified.json`; a later read re-hashes only the chunks whose stat changed (the writer, who
+knows the hashes, writes the stamps; a read-only cache just re-hashes). An entry whose files do
+not match its metadata is reported, moved aside, deleted and recomputed.
+
+Entries are written once: each writer builds its own staging directory and renames it onto the
+entry (atomic), so a reader sees a whole entry or none, and concurrent writers of one entry
+(parallel sweeps sharing a cache) never disturb each other: when the entry is already there and
+whole, the later writer discards its copy. Files are created with the permissions the umask
+allows (a cache a group shares).
 """
 
 from __future__ import annotations
@@ -19,19 +33,44 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from asif_exp.config import ON_BAD_IMAGE
 from asif_exp.data import MissingImage
-from asif_exp.errors import DataError
+from asif_exp.errors import ConfigError, DataError
+from asif_exp.results import write_json_atomic
+from asif_exp.rows import ChunkedRows, ChunkPart
 
 log = logging.getLogger(__name__)
+# Part of every identity key. The on-disk layout (chunks, in meta.json) changed without a new
+# key: entries written before it are read as entries of one chunk.
 FORMAT_VERSION = 1
+OLD_TENSOR_FILE = "embeddings.safetensors"  # the single file of an entry written before chunks
+STAMPS_FILE = "verified.json"
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# safetensors' dtype codes, as headers and meta.json hold them
+_FROM_CODE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    if name not in STORAGE_DTYPES:
+        raise ConfigError(f"cache_dtype={name!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[name]
+
+
+def with_storage_dtype(identity: dict, name: str) -> dict:
+    """The identity of embeddings stored as `name` (float32, the default, adds nothing: the
+    entries written before the option stay valid)."""
+    storage_dtype(name)
+    return identity if name == "float32" else {**identity, "dtype": name}
 
 
 def identity_key(identity: dict) -> str:
@@ -59,6 +98,94 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
 
 
+def _stamp(path: Path, sha256: str) -> list:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256]
+
+
+@dataclass
+class Chunk:
+    """One chunk file of an entry: the entry's tensor `name` is the file's `names[name]`."""
+
+    file: Path
+    bytes: int
+    sha256: str
+    rows: dict[str, int]
+    names: dict[str, str]
+
+    def record(self) -> dict:
+        return {
+            "file": self.file.name,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "rows": self.rows,
+            "names": self.names,
+        }
+
+
+def _chunks(entry: Path, meta: dict) -> list[Chunk]:
+    if "chunks" not in meta:  # written before chunks: one file, the tensors under their names
+        shapes = meta["shapes"]
+        return [
+            Chunk(
+                entry / OLD_TENSOR_FILE,
+                meta["bytes"],
+                meta["sha256"],
+                {name: shape[0] if shape else 0 for name, shape in shapes.items()},
+                {name: name for name in shapes},
+            )
+        ]
+    return [
+        Chunk(entry / c["file"], c["bytes"], c["sha256"], c["rows"], c["names"])
+        for c in meta["chunks"]
+    ]
+
+
+def _header(path: Path) -> dict[str, tuple[list[int], str]]:
+    """{tensor: (shape, dtype code)} of a safetensors file, from its header only."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {
+            name: (handle.get_slice(name).get_shape(), handle.get_slice(name).get_dtype())
+            for name in handle.keys()  # noqa: SIM118 (a safe_open handle is not a dict)
+        }
+
+
+class CacheEntry:
+    """A verified entry: its metadata and chunks."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.chunks = _chunks(path, meta)
+
+    @property
+    def extra(self) -> dict:
+        return self.meta.get("extra", {})
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name` read whole; floating tensors as float32."""
+        parts = []
+        for chunk in self.chunks:
+            with safe_open(str(chunk.file), framework="pt") as handle:
+                parts.append(handle.get_tensor(chunk.names[name]))
+        whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return whole.float() if whole.is_floating_point() else whole
+
+    def rows(self, name: str) -> ChunkedRows:
+        """Matrix `name`, lazily (read from disk as it is used)."""
+        shape, code = self.meta["shapes"][name], self._dtype_code(name)
+        parts = [ChunkPart(c.file, c.names[name], c.rows[name]) for c in self.chunks]
+        return ChunkedRows([p for p in parts if p.rows], shape[1], _FROM_CODE[code])
+
+    def _dtype_code(self, name: str) -> str:
+        if "dtypes" in self.meta:
+            return self.meta["dtypes"][name]
+        return _header(self.chunks[0].file)[self.chunks[0].names[name]][1]
+
+    def lazy(self, name: str) -> bool:
+        shape = self.meta["shapes"][name]
+        return len(shape) == 2 and self._dtype_code(name) in _FROM_CODE
+
+
 class EmbeddingCache:
     def __init__(self, root: str | Path, enabled: bool = True):
         self.root = Path(root) / "embeddings"
@@ -67,21 +194,52 @@ class EmbeddingCache:
     def path(self, identity: dict) -> Path:
         return self.root / identity_key(identity)
 
-    def _read(self, entry: Path, identity: dict) -> tuple[dict[str, torch.Tensor], dict]:
-        """The entry's tensors and extra metadata; raises on any damage."""
+    def _open(self, entry: Path, identity: dict) -> CacheEntry:
+        """The entry, verified; raises on any damage."""
         meta = json.loads((entry / "meta.json").read_text())
-        tensor_file = entry / "embeddings.safetensors"
         if meta["identity_key"] != identity_key(identity):
             raise ValueError("identity does not match its key")
-        if (
-            tensor_file.stat().st_size != meta["bytes"]
-            or file_sha256(tensor_file) != meta["sha256"]
-        ):
-            raise ValueError("tensor file does not match its recorded size and checksum")
-        tensors = load_file(str(tensor_file))
-        if {k: list(v.shape) for k, v in tensors.items()} != meta["shapes"]:
-            raise ValueError("tensor shapes do not match the metadata")
-        return tensors, meta.get("extra", {})
+        opened = CacheEntry(entry, meta)
+        self._verify(opened)
+        return opened
+
+    def _verify(self, entry: CacheEntry) -> None:
+        """Each chunk's size, header and (unless its stamp says it was verified unchanged) its
+        checksum; new stamps are recorded where the cache is writable."""
+        stamps_file = entry.path / STAMPS_FILE
+        try:
+            stamps = json.loads(stamps_file.read_text())
+        except (OSError, ValueError):
+            stamps = {}
+        new_stamps = {}
+        totals: dict[str, int] = {}
+        for chunk in entry.chunks:
+            name = chunk.file.name
+            if chunk.file.stat().st_size != chunk.bytes:
+                raise ValueError(f"chunk {name} does not match its recorded size")
+            if stamps.get(name) != _stamp(chunk.file, chunk.sha256):
+                if file_sha256(chunk.file) != chunk.sha256:
+                    raise ValueError(f"chunk {name} does not match its recorded checksum")
+                new_stamps[name] = _stamp(chunk.file, chunk.sha256)
+            header = _header(chunk.file)
+            for tensor, stored in chunk.names.items():
+                shape = header[stored][0] if stored in header else None
+                expected = entry.meta["shapes"][tensor]
+                if (
+                    shape is None
+                    or shape[1:] != expected[1:]
+                    or (shape[:1] or [0])[0] != (chunk.rows[tensor])
+                ):
+                    raise ValueError(f"chunk {name}: tensor {stored} does not match the metadata")
+                totals[tensor] = totals.get(tensor, 0) + chunk.rows[tensor]
+        for tensor, shape in entry.meta["shapes"].items():
+            if shape and totals.get(tensor, 0) != shape[0]:
+                raise ValueError(f"tensor {tensor}: chunk rows do not add up to its shape")
+        if new_stamps:
+            try:
+                write_json_atomic(stamps_file, {**stamps, **new_stamps})
+            except OSError:  # a read-only cache: verified again next time
+                pass
 
     def _discard(self, entry: Path) -> None:
         """Move the entry aside (atomic: no reader sees it half-deleted), then delete it."""
@@ -92,13 +250,13 @@ class EmbeddingCache:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
-    def load(self, identity: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """The entry's tensors and extra metadata, or None if absent or not trustworthy."""
+    def entry(self, identity: dict) -> CacheEntry | None:
+        """The verified entry, or None if absent or not trustworthy (then deleted)."""
         entry = self.path(identity)
         if not self.enabled or not entry.exists():
             return None
         try:
-            return self._read(entry, identity)
+            return self._open(entry, identity)
         except Exception as error:  # any damage means: recompute, never use
             if entry.exists():  # (else another process moved it aside while it was read)
                 log.warning(
@@ -107,23 +265,90 @@ class EmbeddingCache:
                 self._discard(entry)
             return None
 
-    def save(self, identity: dict, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+    def load(self, identity: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The entry's tensors (read whole, floating ones as float32) and extra metadata, or
+        None if absent or not trustworthy."""
+        entry = self.entry(identity)
+        if entry is None:
+            return None
+        return {name: entry.tensor(name) for name in entry.meta["shapes"]}, entry.extra
+
+    def load_rows(self, identity: dict) -> tuple[dict, dict] | None:
+        """As `load`, but matrices are `ChunkedRows`, read from disk as they are used."""
+        entry = self.entry(identity)
+        if entry is None:
+            return None
+        tensors = {
+            name: entry.rows(name) if entry.lazy(name) else entry.tensor(name)
+            for name in entry.meta["shapes"]
+        }
+        return tensors, entry.extra
+
+    def save(
+        self,
+        identity: dict,
+        tensors: dict[str, torch.Tensor],
+        extra: dict,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Write an entry of one chunk; floating tensors stored as `dtype`."""
         if not self.enabled:
             return
+        stored = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+        def write(staging: Path) -> list[Chunk]:
+            path = staging / "chunk-00000.safetensors"
+            save_tensors(stored, path)
+            rows = {k: (v.shape[0] if v.ndim else 0) for k, v in stored.items()}
+            chunk = Chunk(path, path.stat().st_size, file_sha256(path), rows, {k: k for k in rows})
+            return [chunk]
+
+        self._write(identity, write, extra)
+
+    def save_linked(self, identity: dict, sources: list[Chunk], extra: dict) -> None:
+        """Write an entry made of existing (verified) chunk files, hard-linked (copied where
+        links are impossible): an extraction's chunks become the anchors' entry."""
+        if not self.enabled:
+            return
+
+        def write(staging: Path) -> list[Chunk]:
+            chunks = []
+            for number, source in enumerate(sources):
+                path = staging / f"chunk-{number:05d}.safetensors"
+                try:
+                    os.link(source.file, path)
+                except OSError:  # another file system, or no hard links: a copy
+                    shutil.copyfile(source.file, path)
+                    os.chmod(path, 0o666 & ~_UMASK)
+                chunks.append(Chunk(path, source.bytes, source.sha256, source.rows, source.names))
+            return chunks
+
+        self._write(identity, write, extra)
+
+    def _write(self, identity: dict, write: Callable[[Path], list[Chunk]], extra: dict) -> None:
         entry = self.path(identity)
         staging = self.root / f".staging-{entry.name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
-            tensor_file = staging / "embeddings.safetensors"
-            save_tensors(tensors, tensor_file)
+            chunks = write(staging)
+            header = _header(chunks[0].file)
+            names = chunks[0].names
             meta = {
                 "identity_key": entry.name,
                 "identity": identity,
-                "shapes": {k: list(v.shape) for k, v in tensors.items()},
-                "bytes": tensor_file.stat().st_size,
-                "sha256": file_sha256(tensor_file),
+                "shapes": {
+                    name: [sum(c.rows[name] for c in chunks), *header[stored][0][1:]]
+                    if header[stored][0]
+                    else []
+                    for name, stored in names.items()
+                },
+                "dtypes": {name: header[stored][1] for name, stored in names.items()},
+                "chunks": [c.record() for c in chunks],
                 "extra": extra,
             }
+            # The writer knows every hash: its stamps spare the first reader a full read.
+            stamps = {c.file.name: _stamp(c.file, c.sha256) for c in chunks}
+            (staging / STAMPS_FILE).write_text(json.dumps(stamps, indent=1))
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             self._publish(staging, entry, identity)
         finally:
@@ -140,21 +365,30 @@ class EmbeddingCache:
                 if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
             try:
-                self._read(entry, identity)
+                self._open(entry, identity)
                 return  # another writer's whole entry
             except Exception:  # damaged (or moved aside meanwhile): replace it
                 self._discard(entry)
         raise OSError(f"cache entry {entry}: could not be written in {attempts} attempts")
 
     def get_or_compute(
-        self, identity: dict, compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]
-    ) -> tuple[dict[str, torch.Tensor], dict, bool]:
-        """(tensors, extra, was_cached)."""
-        cached = self.load(identity)
+        self,
+        identity: dict,
+        compute: Callable[[], tuple[dict[str, torch.Tensor], dict]],
+        dtype: torch.dtype = torch.float32,
+        lazy: bool = False,
+    ) -> tuple[dict, dict, bool]:
+        """(tensors, extra, was_cached); with `lazy`, a cached entry's matrices are
+        `ChunkedRows`. A computed entry is returned as computed (float32), stored as `dtype`."""
+        cached = self.load_rows(identity) if lazy else self.load(identity)
         if cached is not None:
             return cached[0], cached[1], True
         tensors, extra = compute()
-        self.save(identity, tensors, extra)
+        self.save(identity, tensors, extra, dtype)
+        if dtype != torch.float32:  # what a later run reads back: the stored values
+            tensors = {
+                k: v.to(dtype).float() if v.is_floating_point() else v for k, v in tensors.items()
+            }
         return tensors, extra, False
 
 

@@ -3,8 +3,10 @@
 The anchor set is cut into chunks of `extract.chunk_size` consecutive pairs. Job `shard` of
 `num_shards` encodes chunks shard, shard + num_shards, ... (images and captions); each chunk is
 cached as soon as it completes, so a killed job redoes at most the chunk it was in. The merge
-stage concatenates every chunk into exactly the cache entries that `python -m asif_exp` looks
-up, so evaluation jobs never encode an anchor.
+stage makes exactly the cache entries that `python -m asif_exp` looks up out of the chunks'
+own files (hard links: no copy on disk, nothing concatenated in memory), so evaluation jobs
+never encode an anchor, and read the anchors chunk by chunk from disk. `cache_dtype`
+(float32, float16, bfloat16) is the dtype the chunks are stored in.
 
     # one process, everything (tiny sets, or one GPU):
     python -m asif_exp.extract anchors=cc12m encoder/vision=vit_b16_in21k \
@@ -32,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from asif_exp import config as _config  # noqa: F401  (registers the schemas)
 from asif_exp.cli import run_cli, user_errors_in_one_line
 from asif_exp.data import AnchorSet, Subset, load_anchors, sha_of
-from asif_exp.embeddings import EmbeddingCache, encode_images
+from asif_exp.embeddings import Chunk, EmbeddingCache, encode_images, storage_dtype
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity
 from asif_exp.errors import ConfigError
 from asif_exp.options import check_config
@@ -58,15 +60,20 @@ def shard_chunks(chunks: list, shard: int, num_shards: int) -> list[int]:
 
 
 # The merged entries are the ones an evaluation looks up: the same identity functions.
+def cache_dtype(cfg) -> str:
+    return cfg.get("cache_dtype", "float32")
+
+
 def anchor_image_identity(cfg, anchors: AnchorSet) -> dict:
-    return image_cache_identity(cfg.encoder.vision, anchors.images)
+    return image_cache_identity(cfg.encoder.vision, anchors.images, cache_dtype(cfg))
 
 
 def anchor_text_identity(cfg, anchors: AnchorSet) -> dict:
-    return text_cache_identity(cfg.encoder.text, anchors.captions)
+    return text_cache_identity(cfg.encoder.text, anchors.captions, cache_dtype(cfg))
 
 
 def chunk_identity(cfg, anchors: AnchorSet, start: int, stop: int) -> dict:
+    # (its "image" part carries the storage dtype already)
     return {
         "kind": "anchor_chunk",
         "image": anchor_image_identity(cfg, anchors),
@@ -137,10 +144,10 @@ class ChunkEncoder:
 def merge_chunks(
     cache: EmbeddingCache, cfg: DictConfig, anchors: AnchorSet, chunks: list[tuple[int, int]]
 ) -> dict:
-    """Concatenate every chunk into the entries an evaluation job looks up."""
+    """Make the entries an evaluation job looks up out of every chunk's file (verified once)."""
     parts, missing = [], []
     for start, stop in chunks:
-        entry = cache.load(chunk_identity(cfg, anchors, start, stop))
+        entry = cache.entry(chunk_identity(cfg, anchors, start, stop))
         if entry is None:
             missing.append([start, stop])
         else:
@@ -157,22 +164,31 @@ def merge_chunks(
             f"merge: {len(missing)} of {len(chunks)} chunks are not encoded yet "
             f"(pairs {missing[:3]}...); run the encode jobs (they resume) and merge again"
         )
-    image_parts = [p[0]["image_embeddings"] for p in parts if p[0]["kept"].numel()]
-    kept = torch.cat([p[0]["kept"] for p in parts])
-    failures = [f for p in parts for f in p[1]["failures"]]
-    if not image_parts:
+    failures = [f for p in parts for f in p.extra["failures"]]
+    image_chunks = [
+        renamed(c, {"embeddings": "image_embeddings", "kept": "kept"})
+        for p in parts
+        for c in p.chunks
+        if c.rows["kept"]
+    ]
+    if not image_chunks:
         raise RuntimeError(f"merge: no readable image among the {len(anchors.captions)} anchors")
-    cache.save(
-        anchor_image_identity(cfg, anchors),
-        {"embeddings": torch.cat(image_parts), "kept": kept},
-        {"failures": failures},
+    cache.save_linked(anchor_image_identity(cfg, anchors), image_chunks, {"failures": failures})
+    text_chunks = [renamed(c, {"embeddings": "text_embeddings"}) for p in parts for c in p.chunks]
+    cache.save_linked(anchor_text_identity(cfg, anchors), text_chunks, {})
+    return {"pairs_kept": sum(c.rows["kept"] for c in image_chunks), "failures": failures}
+
+
+def renamed(chunk: Chunk, names: dict[str, str]) -> Chunk:
+    """A chunk entry's file as a chunk of another entry, whose tensor `name` is the chunk
+    entry's tensor `names[name]`."""
+    return Chunk(
+        chunk.file,
+        chunk.bytes,
+        chunk.sha256,
+        {name: chunk.rows[old] for name, old in names.items()},
+        {name: chunk.names[old] for name, old in names.items()},
     )
-    cache.save(
-        anchor_text_identity(cfg, anchors),
-        {"embeddings": torch.cat([p[0]["text_embeddings"] for p in parts])},
-        {},
-    )
-    return {"pairs_kept": int(kept.numel()), "failures": failures}
 
 
 def run_extract(cfg: DictConfig) -> dict:
@@ -194,6 +210,7 @@ def run_extract(cfg: DictConfig) -> dict:
         "chunks_cached": [],
         "failures": [],
     }
+    dtype = storage_dtype(cache_dtype(cfg))
     if extract.stage in ("all", "encode"):
         encode = ChunkEncoder(cfg, anchors, job_device(cfg.device, int(extract.shard)))
         for number, index in enumerate(mine, 1):
@@ -201,7 +218,7 @@ def run_extract(cfg: DictConfig) -> dict:
             label = f"chunk {index + 1}/{len(chunks)} ({number}/{len(mine)} of this job)"
             identity = chunk_identity(cfg, anchors, start, stop)
             tensors, extra, was_cached = cache.get_or_compute(
-                identity, lambda s=start, e=stop, lb=label: encode(s, e, lb)
+                identity, lambda s=start, e=stop, lb=label: encode(s, e, lb), dtype
             )
             (report["chunks_cached"] if was_cached else report["chunks_encoded"]).append(index)
             report["failures"].extend(extra["failures"])

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from asif_exp import distributed
 from asif_exp.data import (
     AnchorSet,
     Benchmark,
@@ -27,7 +28,14 @@ from asif_exp.data import (
     readable_in_prefixes,
     sha_of,
 )
-from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key, refuse_bad_images
+from asif_exp.embeddings import (
+    EmbeddingCache,
+    encode_images,
+    identity_key,
+    refuse_bad_images,
+    storage_dtype,
+    with_storage_dtype,
+)
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
 from asif_exp.errors import ConfigError, DataError, ResultsFormatError
 from asif_exp.methods.base import Method, MethodReport, load_method
@@ -41,6 +49,7 @@ from asif_exp.results import (
     read_results,
     results_from_dict,
 )
+from asif_exp.rows import ChunkedRows
 from asif_exp.tasks.base import Task, load_task
 from asif_exp.tracking import open_tracker
 
@@ -50,14 +59,17 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- cache identities
 
 
-def image_cache_identity(vision_cfg, source) -> dict:
-    """Everything that changes an image set's embeddings: encoder (weights, preprocessing)
-    and the images' content and order (`source.fingerprint`), not where they are stored."""
-    return {"kind": "image", "encoder": vision_identity(vision_cfg), "data": source.fingerprint}
+def image_cache_identity(vision_cfg, source, dtype: str = "float32") -> dict:
+    """Everything that changes an image set's embeddings: encoder (weights, preprocessing),
+    the images' content and order (`source.fingerprint`), not where they are stored, and the
+    dtype they are stored in (`cache_dtype`)."""
+    identity = {"kind": "image", "encoder": vision_identity(vision_cfg), "data": source.fingerprint}
+    return with_storage_dtype(identity, dtype)
 
 
-def text_cache_identity(text_cfg, texts: list[str]) -> dict:
-    return {"kind": "text", "encoder": text_identity(text_cfg), "texts_sha": sha_of(texts)}
+def text_cache_identity(text_cfg, texts: list[str], dtype: str = "float32") -> dict:
+    identity = {"kind": "text", "encoder": text_identity(text_cfg), "texts_sha": sha_of(texts)}
+    return with_storage_dtype(identity, dtype)
 
 
 def encoder_identities(cfg: DictConfig) -> dict:
@@ -65,11 +77,14 @@ def encoder_identities(cfg: DictConfig) -> dict:
 
 
 class Embedder:
-    """Cached embeddings for a job; encoders are loaded only on a cache miss."""
+    """Cached embeddings for a job; encoders are loaded only on a cache miss. With `lazy`,
+    matrices read from the cache are `ChunkedRows` (read from disk as they are used)."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.cache = EmbeddingCache(cfg.paths.cache_dir, enabled=cfg.cache)
+        self.dtype_name = cfg.get("cache_dtype", "float32")
+        self.dtype = storage_dtype(self.dtype_name)
         self.cached: dict[str, bool] = {}
         self.keys: list[str] = []  # identity keys of everything embedded, in order
 
@@ -81,10 +96,12 @@ class Embedder:
     def text_encoder(self) -> TextEncoder:
         return TextEncoder(self.cfg.encoder.text, self.cfg.device)
 
-    def images(self, source, description: str) -> tuple[torch.Tensor, list[int], list[dict]]:
+    def images(
+        self, source, description: str, lazy: bool = False
+    ) -> tuple[torch.Tensor | ChunkedRows, list[int], list[dict]]:
         """(embeddings of the readable images, their positions in `source`, the failures)."""
         vision = self.cfg.encoder.vision
-        identity = image_cache_identity(vision, source)
+        identity = image_cache_identity(vision, source, self.dtype_name)
 
         def compute():
             sliced = self._slice_of_cached_parent(source)
@@ -102,7 +119,9 @@ class Embedder:
             )
             return {"embeddings": embeddings, "kept": torch.tensor(kept)}, {"failures": failures}
 
-        tensors, extra, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        tensors, extra, self.cached[description] = self.cache.get_or_compute(
+            identity, compute, self.dtype, lazy
+        )
         refuse_bad_images(extra["failures"], self.cfg.data.on_bad_image, description)
         self.keys.append(identity_key(identity))
         failures = extra["failures"]
@@ -126,7 +145,9 @@ class Embedder:
         fall in the subset come along (and are refused or skipped as `data.on_bad_image` says)."""
         if not isinstance(source, Subset):
             return None
-        parent = self.cache.load(image_cache_identity(self.cfg.encoder.vision, source.source))
+        parent = self.cache.load(
+            image_cache_identity(self.cfg.encoder.vision, source.source, self.dtype_name)
+        )
         if parent is None:
             return None
         tensors, extra = parent
@@ -143,13 +164,17 @@ class Embedder:
             "failures": failures
         }
 
-    def texts(self, texts: list[str], description: str) -> torch.Tensor:
-        identity = text_cache_identity(self.cfg.encoder.text, texts)
+    def texts(
+        self, texts: list[str], description: str, lazy: bool = False
+    ) -> torch.Tensor | ChunkedRows:
+        identity = text_cache_identity(self.cfg.encoder.text, texts, self.dtype_name)
 
         def compute():
             return {"embeddings": self.text_encoder().encode(texts, self.cfg.progress)}, {}
 
-        tensors, _, self.cached[description] = self.cache.get_or_compute(identity, compute)
+        tensors, _, self.cached[description] = self.cache.get_or_compute(
+            identity, compute, self.dtype, lazy
+        )
         self.keys.append(identity_key(identity))
         return tensors["embeddings"]
 
@@ -160,15 +185,18 @@ class Embedder:
 @dataclass
 class EmbeddedAnchors:
     data: AnchorSet
-    images: torch.Tensor  # readable pairs only, dataset order
-    texts: torch.Tensor
+    images: torch.Tensor | ChunkedRows  # readable pairs only, dataset order
+    texts: torch.Tensor | ChunkedRows
     kept: list[int]  # positions of the readable pairs in the anchor set
     failures: list[dict]
 
 
-def embed_anchors(embedder: Embedder, anchors: AnchorSet) -> EmbeddedAnchors:
-    images, kept, failures = embedder.images(anchors.images, f"anchors {anchors.name}")
-    texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}")[kept]
+def embed_anchors(embedder: Embedder, anchors: AnchorSet, lazy: bool = False) -> EmbeddedAnchors:
+    """The anchors' embeddings; with `lazy`, cached ones stay on disk (`ChunkedRows`, for a
+    method that streams them: `streams_anchors`)."""
+    images, kept, failures = embedder.images(anchors.images, f"anchors {anchors.name}", lazy)
+    # (for ChunkedRows, a lazy selection)
+    texts = embedder.texts(anchors.captions, f"anchor captions {anchors.name}", lazy)[kept]
     return EmbeddedAnchors(anchors, images, texts, kept, failures)
 
 
@@ -205,11 +233,12 @@ def embed_problem(
     embedder: Embedder,
     anchors: AnchorSet,
     benchmark: Benchmark | CaptionedBenchmark,
+    lazy_anchors: bool = False,
 ) -> EmbeddedProblem:
     """Anchors, benchmark images and their targets, embedded (from the cache if there): class
     prompts and labels for a labelled benchmark, captions and each caption's image for a
-    benchmark of image-caption pairs."""
-    anchor = embed_anchors(embedder, anchors)
+    benchmark of image-caption pairs. With `lazy_anchors`, cached anchors stay on disk."""
+    anchor = embed_anchors(embedder, anchors, lazy_anchors)
     images, kept, failures = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
     if isinstance(benchmark, CaptionedBenchmark):
         targets, truth, details = caption_targets(embedder, benchmark, kept)
@@ -263,22 +292,30 @@ def run(cfg: DictConfig) -> dict:
     return run_job(cfg).to_dict()
 
 
-def run_job(cfg: DictConfig) -> RunResults:
+def run_job(cfg: DictConfig) -> RunResults | None:
     """Run one job and return its results record (also written to `<output_dir>/results.json`).
 
     With `skip_existing`, a job whose results.json holds this config's results is not run again
-    (resuming a sweep).
+    (resuming a sweep). Started by torchrun (or as several SLURM tasks), the processes share the
+    top-k pass (`asif_exp.distributed`); rank 0 alone scores, writes and returns the results,
+    the others return None.
     """
     check_config(cfg)  # before anything is read, encoded or tracked
+    distributed.setup(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     results_path = output_dir / RESULTS_FILE
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.skip_existing and results_path.exists():
+    finished = None
+    if cfg.skip_existing and results_path.exists() and distributed.is_main():
         finished = finished_results(results_path, resolved)
+    if distributed.from_main(finished is not None):  # all ranks skip, or none
         if finished is not None:
             log.info("skip_existing: %s already holds this job's results", results_path)
-            return finished
+        return finished
     method, task = load_method(cfg), load_task(cfg)
+    if not distributed.is_main():
+        evaluate(cfg, resolved, method, task)  # its share of the top-k pass
+        return None
     with open_tracker(cfg.logger, resolved, output_dir, job_name(cfg, method)) as tracker:
         results = evaluate(cfg, resolved, method, task)
         tracker.log_results(results)
@@ -355,7 +392,7 @@ def finished_results(path: Path, resolved: dict) -> RunResults | None:
     return finished
 
 
-def evaluate(cfg: DictConfig, resolved: dict, method: Method, task: Task) -> RunResults:
+def evaluate(cfg: DictConfig, resolved: dict, method: Method, task: Task) -> RunResults | None:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
@@ -364,16 +401,28 @@ def evaluate(cfg: DictConfig, resolved: dict, method: Method, task: Task) -> Run
     check_task_fits_benchmark(task, benchmark)
     listed_ns = anchor_prefixes(cfg.asif.n, len(anchors.captions))  # n = null: all listed
     method.check(listed_ns)  # before any encoding
+    streams = getattr(method, "streams_anchors", False)
+    if distributed.world_size() > 1 and not streams:
+        raise ConfigError(
+            f"method={method.name} does not shard its anchors over processes: run it as one "
+            "process (not under torchrun)"
+        )
 
     embedder = Embedder(cfg)
     t = time.perf_counter()
-    problem = embed_problem(cfg, embedder, anchors, benchmark)
+    with distributed.main_first():  # rank 0 fills the cache, the others read it
+        problem = embed_problem(cfg, embedder, anchors, benchmark, lazy_anchors=streams)
     timings = {"embeddings_s": time.perf_counter() - t}
     used = readable_prefixes(listed_ns, problem.anchor_positions)
     ns = sorted(set(used.values()))
     method.check(ns)
 
     report = MethodReport()
+    if not distributed.is_main():
+        for _ in method.score(problem, ns, report):  # the top-k pass only; rank 0 scores
+            pass
+        return None
+    report.notes["world_size"] = distributed.world_size()  # processes of the top-k pass
     cells = listed_prefix_cells(score_and_measure(method, task, problem, ns, report), used)
     report.notes["skipped_cells"] = listed_prefix_skipped(report.skipped, used)
     problem.info["anchors"].details["n_counts"] = N_COUNTS

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from asif_exp.rows import ChunkedRows
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -19,11 +21,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_embeddings(name: str, embeddings: Tensor) -> None:
+def check_embeddings(name: str, embeddings: Tensor | ChunkedRows) -> None:
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
         raise ValueError(
             f"{name}: expected a non-empty 2-D tensor, got shape {tuple(embeddings.shape)}"
         )
+    if isinstance(embeddings, ChunkedRows):
+        return  # on disk: each tile is checked as the top-k pass reads it (`anchor_reader`)
     # A row whose sum is finite has only finite entries (NaN and inf propagate; inf - inf is
     # NaN): one fast reduction instead of a full-size boolean tensor; only rows whose sum is
     # not finite (including finite rows that overflow it) are looked at entry by entry.

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from asif_exp import distributed
 from asif_exp.methods.asif.layouts import (
     class_averaging_t,
     row_layout,
@@ -91,6 +92,8 @@ def score_grid(
     )
     _synchronize(device)
     report["topk_s"] = time.perf_counter() - start
+    if not distributed.is_main():
+        return  # the other processes of a sharded pass only help with the top-k
 
     scoring_s = 0.0
     images, prompts = problem.images.shape[0], len(prompt_class)

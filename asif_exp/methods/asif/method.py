@@ -43,6 +43,8 @@ def topk_memo_for(embedding_keys: tuple) -> dict:
 class AsifMethod:
     """ASIF over the grid anchor prefixes x `asif.k` x `asif.p`, in one top-k pass."""
 
+    streams_anchors = True  # reads the anchors tile by tile: they may stay on disk or be sharded
+
     ks: list[int]
     ps: list[float]
     options: AsifOptions

@@ -5,17 +5,19 @@ row (the candidate pool) snapshotted at every n of the grid, exact ties to the l
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from asif_exp import distributed
 from asif_exp.methods.asif import cpu_kernels
 from asif_exp.methods.asif.cpu_kernels import append_above, keep_top
 from asif_exp.methods.asif.options import AsifOptions
-from asif_exp.tensors import unit_rows
+from asif_exp.rows import ChunkedRows, read_rows
+from asif_exp.tensors import check_embeddings, unit_rows
 
 
 @dataclass
@@ -101,7 +103,7 @@ def similarities(block: Tensor, anchors: Tensor) -> Tensor:
     return matmul_f32(block, anchors.T)
 
 
-def _resident(anchors: Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+def _resident(anchors: Tensor | ChunkedRows, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether all anchors fit on the device (half of its free memory); else copy per chunk."""
     if device.type != "cuda":
         return True
@@ -288,17 +290,48 @@ CPU_TILE_ELEMENTS = 2**22
 POOL_WIDTH = 4
 
 
+def anchor_reader(
+    anchors: Tensor | ChunkedRows,
+    n_max: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    normalize: bool,
+) -> Callable[[int, int], Tensor]:
+    """Anchor rows [start, end) as the pass multiplies them: on the device, in the compute
+    dtype, unit-norm if `normalize` (per tile: never a normalised copy of all anchors; a row's
+    norm does not depend on the rows beside it). `ChunkedRows` are read from disk tile by tile
+    and each tile is checked for NaN and inf. On a GPU, anchors that fit are converted once and
+    stay there (tile by tile, so no full float32 copy is made)."""
+
+    def tile(start: int, end: int) -> Tensor:
+        rows = read_rows(anchors, start, end)
+        if isinstance(anchors, ChunkedRows):
+            check_embeddings(f"anchor rows {start}..{end - 1}", rows)
+        return (unit_rows(rows) if normalize else rows).to(device=device, dtype=dtype)
+
+    if device.type != "cuda" or not _resident(anchors[:n_max], device, dtype):
+        return tile
+    resident = torch.empty((n_max, anchors.shape[1]), device=device, dtype=dtype)
+    step = max(1, CPU_TILE_ELEMENTS // anchors.shape[1])
+    for start in range(0, n_max, step):
+        resident[start : start + step] = tile(start, min(start + step, n_max))
+    return lambda start, end: resident[start:end]
+
+
 def streaming_topk(
     queries: Tensor,
-    anchors: Tensor,
+    anchors: Tensor | ChunkedRows,
     ns: Sequence[int],
     k_max: int,
     options: AsifOptions = AsifOptions(),
     desc: str = "top-k",
     progress: bool = True,
     to_cpu: bool = True,
+    normalize_anchors: bool = False,
 ) -> dict[int, TopK]:
-    """Running top-k_max of unit-norm `queries` against the first n `anchors`, for every n in `ns`.
+    """Running top-k_max of unit-norm `queries` against the first n `anchors`, for every n in `ns`
+    (anchors unit-norm, or normalised tile by tile with `normalize_anchors`; a tensor, or
+    `ChunkedRows` read from disk tile by tile).
 
     Anchors are visited once in prefix order, one tile (rows x anchors) of similarities at a time.
     Once k_max are held, only entries above the running k-th value are kept as candidates (a
@@ -318,9 +351,7 @@ def streaming_topk(
     width = max(1, min(n_max, elements_per_tile // rows_per_block))
     bounds = _chunk_bounds(ns, width, first=min(width, max(4 * k_max, 4096)))
 
-    anchors = anchors[:n_max]
-    if _resident(anchors, device, dtype):
-        anchors = anchors.to(device=device, dtype=dtype)
+    anchor_tile = anchor_reader(anchors, n_max, device, dtype, normalize_anchors)
     snapshots: dict[int, list[tuple[Tensor, Tensor]]] = {n: [] for n in ns}
     bar = tqdm(
         total=len(bounds) * math.ceil(rows / rows_per_block), desc=desc, disable=not progress
@@ -329,7 +360,7 @@ def streaming_topk(
         block = queries[row_start : row_start + rows_per_block].to(device=device, dtype=dtype)
         pool = CandidatePool(len(block), k_max, POOL_WIDTH * k_max, n_max, device, width)
         for start, end in bounds:
-            sims = similarities(block, anchors[start:end].to(device=device, dtype=dtype))
+            sims = similarities(block, anchor_tile(start, end))
             if pool.threshold() is None:  # not yet a selection of k_max anchors
                 pool.add_all(sims, start)
             else:
@@ -346,7 +377,9 @@ def streaming_topk(
 
 
 def memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) -> dict[int, TopK]:
-    """Top-k snapshots from `memo` where a wide enough one exists; the rest in one pass."""
+    """Top-k snapshots from `memo` where a wide enough one exists; the rest in one pass (over
+    this process's shard of the anchors, merged exactly, when several processes share it:
+    `asif_exp.distributed`)."""
     memo = {} if memo is None else memo
     device = options.resolved_device()
     key = (side, str(device), options.resolved_dtype(device))
@@ -354,15 +387,17 @@ def memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) ->
     found = {n: top for n, top in found.items() if top.values.shape[1] >= min(k_max, n)}
     missing = [n for n in ns if n not in found]
     if missing:
-        computed = streaming_topk(
+        one_pass = streaming_topk if distributed.world_size() == 1 else distributed.sharded_topk
+        computed = one_pass(
             unit_rows(queries),
-            unit_rows(anchors),
+            anchors,
             missing,
             k_max,
             options,
             f"{side} top-k",
             progress,
             to_cpu=False,
+            normalize_anchors=True,
         )
         found.update(computed)
         memo.update({key + (n,): top for n, top in computed.items()})

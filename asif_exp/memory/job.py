@@ -486,14 +486,14 @@ def _queries(cfg: DictConfig) -> list[int]:
     return values
 
 
-def _direction(cfg: DictConfig, directions: list[QueryDirection]) -> QueryDirection:
+def _direction_index(cfg: DictConfig, task: Task) -> int:
+    """Which of the task's directions `direction` names (null: the first)."""
     if cfg.direction is None:
-        return directions[0]
-    for d in directions:
-        if d.name == cfg.direction:
-            return d
-    names = ", ".join(d.name for d in directions)
-    raise ConfigError(f"direction={cfg.direction}: task={cfg.task.name} has {names}")
+        return 0
+    if cfg.direction not in task.direction_names:
+        names = ", ".join(task.direction_names)
+        raise ConfigError(f"direction={cfg.direction}: task={task.name} has {names}")
+    return task.direction_names.index(cfg.direction)
 
 
 def explain_main(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -503,9 +503,10 @@ def explain_main(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -
     output_dir = Path(cfg.paths.output_dir)
     _queries(cfg)  # a typo fails before any work
     task = load_task(cfg)
+    chosen = _direction_index(cfg, task)
     ws = load_workspace(cfg, task)
     directions = task.directions(ws.problem)
-    direction = _direction(cfg, directions)
+    direction = directions[chosen]
     scored = ws.model.score(ws.problem.images, ws.prompts)
     rows = _query_rows(cfg, ws, scored, direction)
     model, scored, edit_report = _edit(cfg, ws, scored, directions)

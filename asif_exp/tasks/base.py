@@ -52,6 +52,7 @@ class Task(Protocol):
     # What the images are scored against: "class_prompts" (a labelled benchmark's classes) or
     # "captions" (a benchmark of image-caption pairs); `pipeline.embed_problem` builds them.
     targets: str
+    direction_names: tuple[str, ...]  # of `directions`, in order (known before any data)
 
     def metrics(self, scores: Tensor, problem: EmbeddedProblem) -> dict[str, Any]:
         """Metrics of one cell's scores against `problem.truth` (plain floats and lists)."""

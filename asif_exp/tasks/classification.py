@@ -64,6 +64,7 @@ class Classification:
     name: str = "classification"
     primary_metric: str = "top1"
     targets: str = "class_prompts"
+    direction_names: tuple[str, ...] = ("image_to_class",)
 
     def metrics(self, scores: Tensor, problem: EmbeddedProblem) -> dict:
         names = problem.targets.group_names

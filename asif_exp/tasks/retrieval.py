@@ -72,6 +72,7 @@ class Retrieval:
     name: str = "retrieval"
     primary_metric: str = f"{PREFIX}.mean_recall"
     targets: str = "captions"  # the benchmark's captions, each its own target
+    direction_names: tuple[str, ...] = ("image_to_text", "text_to_image")
 
     def metrics(self, scores: Tensor, problem: EmbeddedProblem) -> dict:
         truth = problem.truth

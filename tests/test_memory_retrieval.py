@@ -5,9 +5,12 @@ and `asif_exp.explain` end to end on a pairs-file benchmark with the fake encode
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import subprocess_env
 from fakes import config
 from PIL import Image
 from reference import dense_asif
@@ -36,7 +39,10 @@ def retrieval_setup(seed=0, images=10, per_image=3, anchors=60, k=8, p=3.0, **op
         anchor_images=torch.randn(anchors, 12, generator=g),
         anchor_texts=torch.randn(anchors, 10, generator=g),
         images=torch.randn(images, 12, generator=g),
-        targets=Targets([f"caption {j}" for j in range(len(truth))], torch.randn(len(truth), 10)),
+        targets=Targets(
+            [f"caption {j}" for j in range(len(truth))],
+            torch.randn(len(truth), 10, generator=g),
+        ),
         truth=truth,
     )
     model = AsifModel(
@@ -154,7 +160,7 @@ def test_removing_pairs_equals_a_model_rebuilt_without_them_on_retrieval(options
 
 
 def test_usage_counts_both_ways_match_the_explanations():
-    model, problem, prompts = retrieval_setup(k=6)
+    model, problem, prompts = retrieval_setup(anchors=200, k=4)  # 40 queries leave some unused
     scored = model.score(problem.images, prompts)
     names = [str(j) for j in range(len(problem.truth))]
     for direction in Retrieval().directions(problem):
@@ -316,3 +322,25 @@ def test_classification_has_one_direction(tmp_path):
     with pytest.raises(ConfigError, match="direction=text_to_image: task=classification has"):
         asif_exp.explain.explain_main(cfg)
     assert not (tmp_path / "cache").exists()  # refused before anything was encoded
+
+
+def test_a_mistake_on_the_command_line_is_one_line(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asif_exp.explain",
+            "task=retrieval",
+            "direction=sideways",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(ASIF_CACHE_DIR=str(tmp_path / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: direction=sideways: task=retrieval has image_to_text, text_")
+    assert not (tmp_path / "cache").exists()

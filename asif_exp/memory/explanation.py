@@ -64,7 +64,8 @@ def shared_anchors(scored: Scored, image: int, target: int) -> tuple[Tensor, ...
     target_ids, target_values = _row(scored.targets, target)
     dense_target = torch.zeros(scored.image_rr.shape[1], dtype=target_values.dtype)
     dense_target[target_ids] = target_values
-    shared = dense_target[image_ids] != 0
+    # Non-zero on both sides (a clamped entry is stored as an explicit 0 and links nothing).
+    shared = (dense_target[image_ids] != 0) & (image_values != 0)
     ids, image_values = image_ids[shared], image_values[shared]
     target_values = dense_target[ids]
     products = image_values * target_values

@@ -30,7 +30,7 @@ from hydra.errors import ConfigCompositionException
 
 import asif_exp.embeddings
 import asif_exp.explain
-import asif_exp.methods.asif
+import asif_exp.methods.asif.method
 from asif_exp.cli import one_line, run_cli, user_errors_in_one_line
 from asif_exp.embeddings import EmbeddingCache
 from asif_exp.memory import AsifModel, ModelFormatError, load_model
@@ -45,13 +45,13 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture
 def engine_calls(monkeypatch) -> list:
     """Counts the jobs that actually score (a skipped job does not)."""
-    real, calls = asif_exp.methods.asif.score_grid, []
+    real, calls = asif_exp.methods.asif.method.score_grid, []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(asif_exp.methods.asif, "score_grid", counted)
+    monkeypatch.setattr(asif_exp.methods.asif.method, "score_grid", counted)
     return calls
 
 

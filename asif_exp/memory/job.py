@@ -117,55 +117,62 @@ def _explain_query(
     cfg, ws: Workspace, model: AsifModel, scored: Scored, direction: QueryDirection, row: int
 ) -> dict:
     """Write explain_q<query>.json/.png; a summary for explain_results.json and the log."""
-    output_dir = Path(cfg.paths.output_dir)
     query = ws.index_of(direction.query_kind, row)
-    json_path, png_path = (
-        output_dir / f"explain_q{query}.json",
-        output_dir / f"explain_q{query}.png",
-    )
-    title = f"{ws.benchmark.name} #{query}"
+    paths = [Path(cfg.paths.output_dir) / f"explain_q{query}.{ext}" for ext in ("json", "png")]
     if direction.candidate_kind == "class":
-        label = int(ws.problem.truth[row])
-        explanation = explain(model, ws.problem.images[row], ws.prompts, label)
-        image_id = ws.benchmark.images.ids[query]
-        write_json_atomic(
-            json_path, {"query": query, "image_id": image_id, **explanation.to_dict()}
-        )
-        image = ws.benchmark.images.load(query)
-        render_explanation(
-            explanation, image, ws.anchor_image, png_path, cfg.top_anchors, title=title
-        )
-        winner, names = explanation.classes[0], ws.prompts.class_names
-        runner_up = explanation.runner_up
-        log.info(
-            "query %d: true %s, predicted %s (runner-up %s), %d anchors shared; top anchor: %s",
-            query,
-            names[label],
-            names[explanation.predicted],
-            names[runner_up] if runner_up is not None else "-",
-            len(winner.contributions),
-            winner.contributions[0].caption if winner.contributions else None,
-        )
-        return {
-            "query": query,
-            "label": explanation.label,
-            "predicted": explanation.predicted,
-            "runner_up": explanation.runner_up,
-            "score": winner.score,
-            "anchors_shared_with_winner": len(winner.contributions),
-            "top_anchor": winner.contributions[0].caption if winner.contributions else None,
-        }
-    kinds = direction.query_kind, direction.candidate_kind
-    rows = range(direction.right.shape[1])
+        return _explain_class_query(cfg, ws, model, query, row, *paths)
+    return _explain_match_query(cfg, ws, model, scored, direction, query, row, *paths)
+
+
+def _explain_class_query(cfg, ws, model, query, row, json_path, png_path) -> dict:
+    label = int(ws.problem.truth[row])
+    explanation = explain(model, ws.problem.images[row], ws.prompts, label)
+    image_id = ws.benchmark.images.ids[query]
+    write_json_atomic(json_path, {"query": query, "image_id": image_id, **explanation.to_dict()})
+    render_explanation(
+        explanation,
+        ws.benchmark.images.load(query),
+        ws.anchor_image,
+        png_path,
+        cfg.top_anchors,
+        title=f"{ws.benchmark.name} #{query}",
+    )
+    winner, names = explanation.classes[0], ws.prompts.class_names
+    runner_up = explanation.runner_up
+    top_anchor = winner.contributions[0].caption if winner.contributions else None
+    log.info(
+        "query %d: true %s, predicted %s (runner-up %s), %d anchors shared; top anchor: %s",
+        query,
+        names[label],
+        names[explanation.predicted],
+        names[runner_up] if runner_up is not None else "-",
+        len(winner.contributions),
+        top_anchor,
+    )
+    return {
+        "query": query,
+        "label": explanation.label,
+        "predicted": explanation.predicted,
+        "runner_up": runner_up,
+        "score": winner.score,
+        "anchors_shared_with_winner": len(winner.contributions),
+        "top_anchor": top_anchor,
+    }
+
+
+def _explain_match_query(
+    cfg, ws, model, scored, direction, query, row, json_path, png_path
+) -> dict:
+    query_kind, candidate_kind = direction.query_kind, direction.candidate_kind
     explanation = explain_match(
         model,
         scored,
         direction,
         row,
         query,
-        ws.names(kinds[0])[row],
-        [ws.index_of(kinds[1], c) for c in rows],
-        ws.names(kinds[1]),
+        ws.names(query_kind)[row],
+        [ws.index_of(candidate_kind, c) for c in range(direction.right.shape[1])],
+        ws.names(candidate_kind),
         cfg.top_candidates,
     )
     write_json_atomic(json_path, explanation.to_dict())
@@ -175,10 +182,11 @@ def _explain_query(
         ws.anchor_image,
         png_path,
         cfg.top_anchors,
-        title=title,
+        title=f"{ws.benchmark.name} #{query}",
     )
     best = explanation.explained[0]
     contributions = best.contributions
+    top_anchor = contributions[0].caption if contributions else None
     log.info(
         "query %d (%s): R@1 %s; best %r (%s, score %.4f), %d anchors shared; top anchor: %s",
         query,
@@ -188,7 +196,7 @@ def _explain_query(
         "right" if best.candidate.right else "wrong",
         best.candidate.score,
         len(contributions),
-        contributions[0].caption if contributions else None,
+        top_anchor,
     )
     return {
         "query": query,
@@ -198,7 +206,7 @@ def _explain_query(
         "best_right_rank": explanation.best_right_rank,
         "score": best.candidate.score,
         "anchors_shared_with_best": len(contributions),
-        "top_anchor": contributions[0].caption if contributions else None,
+        "top_anchor": top_anchor,
     }
 
 

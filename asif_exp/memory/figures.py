@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from asif_exp.memory.explanation import Explanation, RetrievalExplanation
@@ -229,6 +230,7 @@ def render_match_explanation(
         bars.barh(range(len(shown)), values, color="tab:blue" if candidate.right else "tab:red")
         bars.set_yticks(range(len(shown)), [f"#{c.anchor}" for c in shown], fontsize=7)
         bars.invert_yaxis()
+        bars.xaxis.set_major_locator(MaxNLocator(4))
         bars.tick_params(axis="x", labelsize=7)
         share = f"{others} other anchors: {rest / candidate.score:.0%}" if candidate.score else ""
         bars.set_title(f"image x caption entries, score {candidate.score:.4f}\n{share}", fontsize=8)

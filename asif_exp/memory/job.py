@@ -286,7 +286,7 @@ def _usage(
     used = sum(topk[kind] for kind in query_kinds)
     before = _scalars(ws.task.metrics(scored.scores, ws.problem))
     pruned = prune_unused(model, used)
-    pruned_scores = pruned.scores(ws.problem.images, ws.prompts)
+    pruned_scores = _scores_of(pruned, model, scored, ws)
     report["prune_never_in_topk"] = {
         "queries": query_kinds,
         "n_before": model.n,
@@ -304,7 +304,7 @@ def _usage(
             fit[d.query_kind] += topk_counts(representations[d.query_kind], halves[d.name][0::2])
         fit_used = sum(fit.values())
         pruned_fit = prune_unused(model, fit_used)
-        fit_scores = pruned_fit.scores(ws.problem.images, ws.prompts)
+        fit_scores = _scores_of(pruned_fit, model, scored, ws)
         held_out = {
             f"{d.hit_metric}_{when}": float(d.hits(s)[halves[d.name][1::2]].float().mean())
             for when, s in (("before", scored.scores), ("after", fit_scores))
@@ -318,6 +318,13 @@ def _usage(
             **held_out,
         }
     return report
+
+
+def _scores_of(pruned: AsifModel, model: AsifModel, scored: Scored, ws: Workspace):
+    """The pruned model's scores; the model's own when pruning removed nothing."""
+    if pruned.n == model.n:
+        return scored.scores
+    return pruned.scores(ws.problem.images, ws.prompts)
 
 
 def _query_rows(cfg, ws: Workspace, scored: Scored, direction: QueryDirection) -> list[int]:
@@ -354,20 +361,23 @@ def _direction_index(cfg: DictConfig, task: Task) -> int:
 def explain_main(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """The whole job as a plain function (Hydra only composes the config). `overrides`: the
     command line's, to refuse options a saved model (`model_dir`) would ignore."""
+    started = time.perf_counter()
     check_config(cfg, overrides)
     output_dir = Path(cfg.paths.output_dir)
     _queries(cfg)  # a typo fails before any work
     task = load_task(cfg)
     chosen = _direction_index(cfg, task)
     ws = load_workspace(cfg, task)
+    timings = {"workspace_s": time.perf_counter() - started}
     directions = task.directions(ws.problem)
     direction = directions[chosen]
-    scored = ws.model.score(ws.problem.images, ws.prompts)
+    scored, timings["score_s"] = _timed(ws.model.score, ws.problem.images, ws.prompts)
     rows = _query_rows(cfg, ws, scored, direction)
     model, scored, edit_report = _edit(cfg, ws, scored, directions)
     if edit_report is not None and str(cfg.query) == MISSES:
         rows = _query_rows(cfg, ws, scored, direction)  # the edited model's misses
     metrics = task.metrics(scored.scores, ws.problem)
+    mark = time.perf_counter()
     results: dict = {
         "format_version": EXPLAIN_FORMAT,
         "task": task.name,
@@ -391,13 +401,18 @@ def explain_main(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -
         "edit": edit_report,
         "queries": [_explain_query(cfg, ws, model, scored, direction, row) for row in rows],
     }
-    abstain = _abstain(cfg, scored, directions, output_dir)
+    timings["queries_s"] = time.perf_counter() - mark
+    abstain, timings["abstain_s"] = _timed(_abstain, cfg, scored, directions, output_dir)
     results["abstain"] = {"direction": direction.name, **abstain[direction.name]}
     results["abstain"]["by_direction"] = abstain
-    results["usage"] = _usage(ws, model, scored, directions, output_dir) if cfg.usage else None
+    results["usage"], timings["usage_s"] = (
+        _timed(_usage, ws, model, scored, directions, output_dir) if cfg.usage else (None, 0.0)
+    )
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     if cfg.save_model:
         results["model_dir"] = str(model.save(output_dir / "model", overwrite=True))
+    timings["total_s"] = time.perf_counter() - started
+    results["timings"] = timings  # the edit's own: edit.edit_s, edit.evaluate_s
     write_json_atomic(output_dir / "explain_results.json", results)
     primary = task.primary_metric
     log.info("%s %.4f; outputs in %s", primary, metrics[primary], output_dir)

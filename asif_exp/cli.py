@@ -3,8 +3,8 @@
 
 A user's mistake is a config value or key (`ConfigError`, Hydra's composition errors: unknown
 key, wrong type, missing group option), bad data (`DataError`) or a damaged file (a saved model,
-a results.json). Anything else is a bug and keeps its traceback. `ASIF_DEBUG=1` shows the full
-traceback of every error.
+a results.json): the types of `asif_exp/errors.py`. Anything else is a bug and keeps its
+traceback. `ASIF_DEBUG=1` shows the full traceback of every error.
 
     @hydra.main(...)
     def main(cfg):
@@ -25,12 +25,8 @@ from typing import NoReturn
 
 from hydra.errors import HydraException
 
-from asif_exp.data import DataError
-from asif_exp.memory import ModelFormatError
-from asif_exp.options import ConfigError
-from asif_exp.results import ResultsFormatError
+from asif_exp.errors import USER_ERRORS
 
-USER_ERRORS = (ConfigError, DataError, ModelFormatError, ResultsFormatError)
 DEBUG_VARIABLE = "ASIF_DEBUG"
 
 

@@ -18,6 +18,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
+# The choices of enumerated options that the modules reading them check too (see also
+# `asif_exp.options.CHOICES`, every enumerated option's choices).
+NORMALIZE_CHOICES = ("both", "prompt", "none")  # asif.normalize
+AGGREGATION_CHOICES = ("mean", "max")  # asif.template_aggregation, method.template_aggregation
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # asif.compute_dtype, encoder precision
+# data.on_bad_image: what an image that cannot be loaded does. "skip_failed_downloads" skips
+# only the pairs a shard lists without an image (a failed download) and stops at corrupt
+# bytes; "skip" skips both; "raise" stops at the first.
+ON_BAD_IMAGE = ("skip", "skip_failed_downloads", "raise")
+REPEATED_PAIRS_POLICIES = ("keep", "drop", "error")  # anchors.repeated_pairs
+
 
 @dataclass
 class VisionEncoderConfig:

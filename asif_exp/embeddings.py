@@ -26,7 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from asif_exp.data import DataError, MissingImage
+from asif_exp.config import ON_BAD_IMAGE
+from asif_exp.data import MissingImage
+from asif_exp.errors import DataError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -157,11 +159,6 @@ class EmbeddingCache:
 
 
 # ----------------------------------------------------------------------------- encoding
-
-# data.on_bad_image: what an image that cannot be loaded does. "skip_failed_downloads" skips
-# only the pairs a shard lists without an image (MissingImage: a failed download) and stops at
-# corrupt bytes; "skip" skips both; "raise" stops at the first.
-ON_BAD_IMAGE = ("skip", "skip_failed_downloads", "raise")
 
 
 def check_on_bad_image(mode: str) -> None:

@@ -34,7 +34,8 @@ from asif_exp.cli import run_cli, user_errors_in_one_line
 from asif_exp.data import AnchorSet, Subset, load_anchors, sha_of
 from asif_exp.embeddings import EmbeddingCache, encode_images
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity
-from asif_exp.options import ConfigError, check_config
+from asif_exp.errors import ConfigError
+from asif_exp.options import check_config
 from asif_exp.pipeline import image_cache_identity, text_cache_identity
 from asif_exp.results import write_json_atomic
 

@@ -17,18 +17,16 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from asif_exp.data import REPEATED_PAIRS_POLICIES
-from asif_exp.embeddings import ON_BAD_IMAGE
-
-
-class ConfigError(ValueError):
-    """A config value or combination that cannot be right, named by its key."""
-
+from asif_exp.config import (
+    AGGREGATION_CHOICES,
+    COMPUTE_DTYPES,
+    NORMALIZE_CHOICES,
+    ON_BAD_IMAGE,
+    REPEATED_PAIRS_POLICIES,
+)
+from asif_exp.errors import ConfigError
 
 # Every enumerated option of the config groups, with its choices (None: the null value).
-NORMALIZE_CHOICES = ("both", "prompt", "none")
-AGGREGATION_CHOICES = ("mean", "max")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 CHOICES: dict[str, tuple] = {
     "data.on_bad_image": ON_BAD_IMAGE,
     "anchors.repeated_pairs": REPEATED_PAIRS_POLICIES,

@@ -21,7 +21,6 @@ from asif_exp.data import (
     AnchorSet,
     Benchmark,
     CaptionedBenchmark,
-    DataError,
     Subset,
     load_anchors,
     load_benchmark,
@@ -30,14 +29,14 @@ from asif_exp.data import (
 )
 from asif_exp.embeddings import EmbeddingCache, encode_images, identity_key, refuse_bad_images
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity, vision_identity
+from asif_exp.errors import ConfigError, DataError, ResultsFormatError
 from asif_exp.methods.base import Method, MethodReport, load_method
-from asif_exp.options import ConfigError, anchor_prefixes, check_config
+from asif_exp.options import anchor_prefixes, check_config
 from asif_exp.problem import EmbeddedProblem, Targets
 from asif_exp.results import (
     RESULTS_FILE,
     CellResult,
     DataSummary,
-    ResultsFormatError,
     RunResults,
     read_results,
     results_from_dict,

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asif_exp.errors import ResultsFormatError
+
 SCHEMA_VERSION = 2
 RESULTS_FILE = "results.json"
-
-
-class ResultsFormatError(ValueError):
-    """A results file that cannot be read as a results record."""
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:

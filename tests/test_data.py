@@ -7,7 +7,8 @@ from conftest import SHARED_DATA, compose_config, require_shared_data
 from omegaconf import OmegaConf
 from PIL import Image
 
-from asif_exp.data import DataError, balanced_subset, load_anchors, load_benchmark
+from asif_exp.data import balanced_subset, load_anchors, load_benchmark
+from asif_exp.errors import DataError
 from asif_exp.synthetic import SHAPES, SyntheticShapes
 
 

@@ -17,8 +17,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import asif_exp.config  # noqa: F401  (registers the config schemas)
-from asif_exp.data import DataError, MissingImage, load_anchors
+from asif_exp.data import MissingImage, load_anchors
 from asif_exp.embeddings import EmbeddingCache
+from asif_exp.errors import DataError
 from asif_exp.extract import ChunkEncoder, anchor_image_identity, run_extract
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,9 @@ import asif_exp.explain
 import asif_exp.methods.asif.method
 from asif_exp.cli import one_line, run_cli, user_errors_in_one_line
 from asif_exp.embeddings import EmbeddingCache
-from asif_exp.memory import AsifModel, ModelFormatError, load_model
-from asif_exp.options import ConfigError, check_config
+from asif_exp.errors import ConfigError, ModelFormatError
+from asif_exp.memory import AsifModel, load_model
+from asif_exp.options import check_config
 from asif_exp.pipeline import run
 from asif_exp.results import RESULTS_FILE, read_results, write_json_atomic
 from asif_exp.tasks.classification import classification_metrics

@@ -16,12 +16,12 @@ from PIL import Image
 from reference import dense_asif
 
 import asif_exp.explain
+from asif_exp.errors import ConfigError
 from asif_exp.memory import AsifModel, Prompts, load_model
 from asif_exp.memory.explanation import explain_match
 from asif_exp.memory.usage import coverage_rows, explanation_counts, prune_unused, topk_counts
 from asif_exp.methods.asif import AUTHORS_OPTIONS, AsifMethod, AsifOptions
 from asif_exp.methods.base import MethodReport
-from asif_exp.options import ConfigError
 from asif_exp.pipeline import run
 from asif_exp.problem import EmbeddedProblem, Targets
 from asif_exp.tasks.classification import Classification

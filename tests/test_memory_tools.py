@@ -13,10 +13,10 @@ from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
 from asif_exp.config import ExplainRunConfig, RunConfig
+from asif_exp.errors import ModelFormatError
 from asif_exp.memory import (
     UNKNOWN,
     AsifModel,
-    ModelFormatError,
     Prompts,
     abstain,
     anchor_usage,

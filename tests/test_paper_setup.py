@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import asif_exp.config  # noqa: F401  (registers the config schemas)
-from asif_exp.data import DataError, authors_split_indices, load_benchmark
+from asif_exp.data import authors_split_indices, load_benchmark
+from asif_exp.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

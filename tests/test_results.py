@@ -4,13 +4,8 @@ import json
 
 import pytest
 
-from asif_exp.results import (
-    CellResult,
-    DataSummary,
-    ResultsFormatError,
-    RunResults,
-    read_results,
-)
+from asif_exp.errors import ResultsFormatError
+from asif_exp.results import CellResult, DataSummary, RunResults, read_results
 
 
 def record() -> RunResults:

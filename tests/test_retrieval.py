@@ -13,7 +13,8 @@ from fake_results import write_results
 from hydra import compose, initialize_config_dir
 from reference import dense_asif
 
-from asif_exp.data import DataError, load_benchmark
+from asif_exp.data import load_benchmark
+from asif_exp.errors import DataError
 from asif_exp.methods.asif import AsifMethod, AsifOptions
 from asif_exp.methods.base import MethodReport
 from asif_exp.pipeline import run, summary_table

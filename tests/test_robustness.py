@@ -18,16 +18,15 @@ import asif_exp.explain
 import asif_exp.methods.asif.method
 from asif_exp.data import (
     AnchorSet,
-    DataError,
     ImageFiles,
     apply_repeated_pairs_policy,
     load_anchors,
     load_benchmark,
 )
 from asif_exp.embeddings import EmbeddingCache
+from asif_exp.errors import ConfigError, DataError
 from asif_exp.memory import AsifModel
 from asif_exp.methods.asif import AsifOptions
-from asif_exp.options import ConfigError
 from asif_exp.pipeline import run
 from asif_exp.tasks.classification_grid import evaluate_grid
 from asif_exp.tensors import check_embeddings

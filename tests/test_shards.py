@@ -22,8 +22,9 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from asif_exp.data import DataError, MissingImage, load_anchors, readable_in_prefixes
+from asif_exp.data import MissingImage, load_anchors, readable_in_prefixes
 from asif_exp.embeddings import encode_images
+from asif_exp.errors import DataError
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 PER_SHARD = 4

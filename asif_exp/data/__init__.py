@@ -11,11 +11,9 @@ and helpers they share.
 from asif_exp.data import hf_torchvision, image_folders, pairs_files, shards, synthetic  # noqa: F401
 from asif_exp.data.common import (
     IMAGE_SUFFIXES,
-    REPEATED_PAIRS_POLICIES,
     AnchorSet,
     Benchmark,
     CaptionedBenchmark,
-    DataError,
     ImageFiles,
     MissingImage,
     Subset,
@@ -42,11 +40,9 @@ __all__ = [
     "BENCHMARK_LOADERS",
     "CAPTIONED_BENCHMARK_LOADERS",
     "IMAGE_SUFFIXES",
-    "REPEATED_PAIRS_POLICIES",
     "AnchorSet",
     "Benchmark",
     "CaptionedBenchmark",
-    "DataError",
     "HFImages",
     "ImageFiles",
     "MissingImage",

@@ -17,15 +17,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from asif_exp.config import REPEATED_PAIRS_POLICIES
+from asif_exp.errors import DataError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 def sha_of(items) -> str:
     return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
-
-
-class DataError(ValueError):
-    """Missing or malformed data, with where it was looked for."""
 
 
 class MissingImage(RuntimeError):
@@ -132,9 +131,6 @@ class AnchorSet:
             else:
                 first[pair] = i
         return repeats
-
-
-REPEATED_PAIRS_POLICIES = ("keep", "drop", "error")
 
 
 def apply_repeated_pairs_policy(anchors: AnchorSet, policy: str) -> tuple[AnchorSet, dict]:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from asif_exp.data.common import AnchorSet, DataError, sha_of
+from asif_exp.data.common import AnchorSet, sha_of
 from asif_exp.data.registry import anchor_loader, benchmark_loader
+from asif_exp.errors import DataError
 
 
 class HFImages:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from asif_exp.data.common import IMAGE_SUFFIXES, DataError, ImageFiles, resolve_path
+from asif_exp.data.common import IMAGE_SUFFIXES, ImageFiles, resolve_path
 from asif_exp.data.registry import benchmark_loader
+from asif_exp.errors import DataError
 from asif_exp.prompts import load_class_ids
 
 

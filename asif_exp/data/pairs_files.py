@@ -10,12 +10,12 @@ from pathlib import Path
 from asif_exp.data.common import (
     AnchorSet,
     CaptionedBenchmark,
-    DataError,
     ImageFiles,
     captioned_benchmark,
     resolve_path,
 )
 from asif_exp.data.registry import anchor_loader, captioned_benchmark_loader
+from asif_exp.errors import DataError
 
 
 def _jsonl_records(path: Path, handle) -> list[tuple[int, dict]]:

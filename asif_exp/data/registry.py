@@ -17,12 +17,12 @@ from asif_exp.data.common import (
     AnchorSet,
     Benchmark,
     CaptionedBenchmark,
-    DataError,
     Subset,
     apply_authors_split,
     apply_repeated_pairs_policy,
     balanced_subset,
 )
+from asif_exp.errors import DataError
 from asif_exp.prompts import load_class_names, load_templates
 
 log = logging.getLogger(__name__)

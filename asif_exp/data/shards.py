@@ -13,9 +13,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from asif_exp.data.common import AnchorSet, DataError, MissingImage, sha_of
+from asif_exp.data.common import AnchorSet, MissingImage, sha_of
 from asif_exp.data.hf_torchvision import HFImages
 from asif_exp.data.registry import anchor_loader
+from asif_exp.errors import DataError
 
 
 def _expand_braces(pattern: str) -> list[str]:

@@ -5,7 +5,7 @@ the options. So a prediction can be traced to the anchor pairs behind it, pairs 
 or added without retraining, and a query that shares no anchor with any prompt can say
 "unknown". Everything here works on embeddings (from the cache). One module per job:
 
-  model.py        the model artifact and editing (AsifModel, save/load, ModelFormatError)
+  model.py        the model artifact and editing (AsifModel, save/load)
   usage.py        anchor usage, pruning, abstention and the accuracy-coverage curve
   explanation.py  the anchor pairs behind one prediction (a class, or a retrieval match)
   figures.py      their figures and CSV tables (matplotlib: imported only by who draws)
@@ -32,7 +32,6 @@ from asif_exp.memory.model import (
     MODEL_PAIRS,
     MODEL_TENSORS,
     AsifModel,
-    ModelFormatError,
     Prompts,
     Scored,
     load_model,
@@ -66,7 +65,6 @@ __all__ = [
     "Contribution",
     "Explanation",
     "MatchExplanation",
-    "ModelFormatError",
     "PairContribution",
     "Prompts",
     "RetrievalExplanation",

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from asif_exp.errors import ConfigError
 from asif_exp.memory.explanation import explain, explain_match
 from asif_exp.memory.figures import (
     render_coverage,
@@ -39,7 +40,7 @@ from asif_exp.memory.usage import (
     usage_summary,
 )
 from asif_exp.memory.workspace import Workspace, load_workspace
-from asif_exp.options import ConfigError, as_list, check_config
+from asif_exp.options import as_list, check_config
 from asif_exp.results import write_json_atomic
 from asif_exp.tasks.base import QueryDirection, Task, load_task
 

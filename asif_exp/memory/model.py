@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from asif_exp.embeddings import file_sha256, save_tensors
+from asif_exp.errors import ModelFormatError
 from asif_exp.methods.asif import (
     AsifOptions,
     TopK,
@@ -38,10 +39,6 @@ MODEL_FORMAT_VERSION = 1
 MODEL_META = "model.json"
 MODEL_TENSORS = "anchors.safetensors"
 MODEL_PAIRS = "anchors.jsonl"
-
-
-class ModelFormatError(ValueError):
-    """A saved model directory that is missing, damaged or of an unknown format."""
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from asif_exp.data import (
     AnchorSet,
     Benchmark,
     CaptionedBenchmark,
-    DataError,
     load_anchors,
     load_benchmark,
 )
+from asif_exp.errors import ConfigError, DataError
 from asif_exp.memory.model import AsifModel, Prompts, load_model
 from asif_exp.methods.asif import asif_options, grid_values
-from asif_exp.options import ConfigError, single
+from asif_exp.options import single
 from asif_exp.pipeline import (
     Embedder,
     check_task_fits_benchmark,

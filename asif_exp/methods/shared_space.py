@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asif_exp.config import AGGREGATION_CHOICES
 from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
-from asif_exp.options import AGGREGATION_CHOICES, as_list, check_prefixes
+from asif_exp.options import as_list, check_prefixes
 from asif_exp.problem import EmbeddedProblem, Targets
 from asif_exp.tensors import check_embeddings, resolve_device, unit_rows
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asif_exp.options import ConfigError, int_values
+from asif_exp.errors import ConfigError
+from asif_exp.options import int_values
 from asif_exp.problem import EmbeddedProblem
 from asif_exp.tasks.base import QueryDirection
 

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from asif_exp.options import AGGREGATION_CHOICES, NORMALIZE_CHOICES, ConfigError, check_prefixes
+from asif_exp.config import AGGREGATION_CHOICES, NORMALIZE_CHOICES
+from asif_exp.errors import ConfigError
+from asif_exp.options import check_prefixes
 from asif_exp.tensors import DTYPES, resolve_device
 
 

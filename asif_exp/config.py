@@ -187,6 +187,40 @@ class RunConfig:
 
 
 @dataclass
+class EditConfig:
+    """Anchor pairs removed before anything is computed (any criterion selects a pair)."""
+
+    remove_indices: list[int] = field(default_factory=list)  # positions among the n anchors
+    remove_ids: list[str] = field(default_factory=list)  # image ids (all captions of an image)
+    remove_caption_contains: str | None = None  # substring, case-sensitive
+    remove_caption_regex: str | None = None  # Python regex, re.search
+
+
+@dataclass
+class AbstainConfig:
+    threshold: float | None = None  # operating point reported in explain_results.json
+    num_thresholds: int = 50  # points on each coverage curve
+
+
+@dataclass
+class ExplainRunConfig(RunConfig):
+    """`python -m asif_exp.explain`: the run's config plus what to look at. conf/explain.yaml
+    composes `config` with this schema in the place of RunConfig (`override schema: explain`),
+    so config.yaml's values stand and only the fields below are added."""
+
+    query: Any = 0  # an index (a benchmark image, or a caption for text_to_image), a list, misses
+    direction: str | None = None  # null: the task's first (classification: the only one)
+    num_misses: int = 4  # query=misses: the first this many queries whose top-1 is wrong
+    top_candidates: int = 5  # retrieval: best candidates listed per query
+    top_anchors: int = 6  # anchor pairs drawn per explained candidate in the figure
+    edit: EditConfig = field(default_factory=EditConfig)
+    abstain: AbstainConfig = field(default_factory=AbstainConfig)
+    usage: bool = True  # anchor usage over the benchmark, and pruning never-used anchors
+    model_dir: str | None = None  # a saved model to use instead of building one from anchors
+    save_model: bool = False  # write the (edited) model to <output_dir>/model
+
+
+@dataclass
 class ExtractConfig:
     """`python -m asif_exp.extract`: anchor embeddings in resumable chunks, fanned out as jobs."""
 
@@ -211,7 +245,9 @@ class ExtractRunConfig:
 
 def register_configs() -> None:
     store = ConfigStore.instance()
-    store.store(name="run_schema", node=RunConfig)
+    # The root schemas, a group so that explain.yaml can swap its own in for the run's.
+    store.store(group="schema", name="run", node=RunConfig, package="_global_")
+    store.store(group="schema", name="explain", node=ExplainRunConfig, package="_global_")
     store.store(name="extract_schema", node=ExtractRunConfig)
     store.store(group="encoder/vision", name="vision_schema", node=VisionEncoderConfig)
     store.store(group="encoder/text", name="text_schema", node=TextEncoderConfig)

@@ -212,9 +212,10 @@ def class_prompt_targets(embedder: Embedder, benchmark: Benchmark) -> Targets:
 
 def caption_targets(
     embedder: Embedder, benchmark: CaptionedBenchmark, kept: list[int]
-) -> tuple[Targets, torch.Tensor, dict]:
+) -> tuple[Targets, torch.Tensor, list[int], dict]:
     """The captions of the readable images, each its own target; the image (row among the
-    readable images) of each caption; and what the results record about them."""
+    readable images) of each caption; each target's position among the benchmark's captions;
+    and what the results record about them."""
     row_of = {image: row for row, image in enumerate(kept)}
     used = [j for j, image in enumerate(benchmark.caption_image) if image in row_of]
     embeddings = embedder.texts(benchmark.captions, f"captions {benchmark.name}")
@@ -225,7 +226,38 @@ def caption_targets(
         "captions_used": len(used),
         "repeated_pairs": benchmark.repeated_pairs,
     }
-    return targets, truth, details
+    return targets, truth, used, details
+
+
+@dataclass
+class EmbeddedBenchmark:
+    """A benchmark's readable images and its targets, embedded, with the ground truth."""
+
+    images: torch.Tensor  # readable images only, dataset order
+    kept: list[int]  # position of each embedded image in the benchmark
+    failures: list[dict]
+    targets: Targets
+    truth: torch.Tensor  # labels (images,), or each caption's image row (captions,)
+    target_positions: list[int] | None  # captions: each target's benchmark position; else None
+    summary: DataSummary
+
+
+def embed_benchmark(
+    embedder: Embedder, benchmark: Benchmark | CaptionedBenchmark
+) -> EmbeddedBenchmark:
+    """Benchmark images and their targets, embedded (from the cache if there): class prompts
+    and labels for a labelled benchmark, captions and each caption's image for a benchmark of
+    image-caption pairs."""
+    images, kept, failures = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
+    positions = None
+    if isinstance(benchmark, CaptionedBenchmark):
+        targets, truth, positions, details = caption_targets(embedder, benchmark, kept)
+    else:
+        targets = class_prompt_targets(embedder, benchmark)
+        truth = torch.tensor(benchmark.labels)[kept]
+        details = {"class_names": benchmark.class_names, "templates": benchmark.templates}
+    summary = DataSummary(benchmark.name, len(benchmark.images), len(kept), failures, details)
+    return EmbeddedBenchmark(images, kept, failures, targets, truth, positions, summary)
 
 
 def embed_problem(
@@ -235,25 +267,20 @@ def embed_problem(
     benchmark: Benchmark | CaptionedBenchmark,
     lazy_anchors: bool = False,
 ) -> EmbeddedProblem:
-    """Anchors, benchmark images and their targets, embedded (from the cache if there): class
-    prompts and labels for a labelled benchmark, captions and each caption's image for a
-    benchmark of image-caption pairs. With `lazy_anchors`, cached anchors stay on disk."""
+    """Anchors, benchmark images and their targets, embedded (from the cache if there). With
+    `lazy_anchors`, cached anchors stay on disk."""
     anchor = embed_anchors(embedder, anchors, lazy_anchors)
-    images, kept, failures = embedder.images(benchmark.images, f"benchmark {benchmark.name}")
-    if isinstance(benchmark, CaptionedBenchmark):
-        targets, truth, details = caption_targets(embedder, benchmark, kept)
-    else:
-        targets = class_prompt_targets(embedder, benchmark)
-        truth = torch.tensor(benchmark.labels)[kept]
-        details = {"class_names": benchmark.class_names, "templates": benchmark.templates}
+    bench = embed_benchmark(embedder, benchmark)
     return EmbeddedProblem(
         anchor_images=anchor.images,
         anchor_texts=anchor.texts,
-        images=images,
-        targets=targets,
-        truth=truth,
+        images=bench.images,
+        targets=bench.targets,
+        truth=bench.truth,
         cache_keys=tuple(embedder.keys),
         anchor_positions=anchor.kept,
+        image_positions=bench.kept,
+        target_positions=bench.target_positions,
         info={
             "anchors": DataSummary(
                 anchors.name,
@@ -262,9 +289,7 @@ def embed_problem(
                 anchor.failures,
                 {"repeated_pairs": anchors.repeats},
             ),
-            "benchmark": DataSummary(
-                benchmark.name, len(benchmark.images), len(kept), failures, details
-            ),
+            "benchmark": bench.summary,
         },
     )
 

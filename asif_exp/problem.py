@@ -42,4 +42,8 @@ class EmbeddedProblem:
     # Each anchor row's position among the listed pairs (failed downloads and unreadable images
     # leave gaps): asif.n counts listed pairs. None: no gaps.
     anchor_positions: list[int] | None = None
+    # Each image row's index in the benchmark (unreadable images leave gaps), and each target
+    # row's index among the benchmark's captions (None: class prompts). For explain's queries.
+    image_positions: list[int] | None = None
+    target_positions: list[int] | None = None
     info: dict = field(default_factory=dict)  # names, counts, skipped images (for results)

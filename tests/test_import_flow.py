@@ -31,7 +31,15 @@ LAYERS = [
     ["asif_exp.methods"],
     ["asif_exp.tasks"],
     ["asif_exp.memory", "asif_exp.tracking", "asif_exp.reports"],
-    ["asif_exp.pipeline", "asif_exp.explain", "asif_exp.extract", "asif_exp.__main__"],
+    [
+        "asif_exp.pipeline",
+        "asif_exp.explain",
+        "asif_exp.extract",
+        "asif_exp.__main__",
+        # the explain job: builds its workspace through the pipeline, as a run does
+        "asif_exp.memory.job",
+        "asif_exp.memory.workspace",
+    ],
 ]
 ENGINE_STAGES = ["cpu_kernels", "options", "topk", "layouts", "scoring", "grid", "method"]
 ENGINE = "asif_exp.methods.asif"

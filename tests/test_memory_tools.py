@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import asif_exp.explain  # noqa: F401  (registers the explain schema)
-from asif_exp.config import RunConfig
+from asif_exp.config import ExplainRunConfig, RunConfig
 from asif_exp.errors import ModelFormatError
 from asif_exp.memory import (
     UNKNOWN,
@@ -343,26 +343,21 @@ def test_damaged_model_directory_is_a_clear_error(tmp_path, damage):
 
 @pytest.mark.parametrize("overrides", [[], ["asif=authors", "anchors=coco_mini", "progress=false"]])
 def test_explain_config_is_the_main_config_plus_its_own_fields(tmp_path, overrides):
-    # explain.yaml merges its schema after `config`: a default there must never replace a
-    # value the main config (or an override) set, or explain would describe another model.
+    # explain.yaml swaps its schema in for the run's, in the same place of the defaults list:
+    # config.yaml (and any override) still sets every value of the run, so explain describes
+    # the same model even when RunConfig gains a field with a default.
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         main = compose("config", [*overrides, f"paths.output_dir={tmp_path}"])
         explain_cfg = compose("explain", [*overrides, f"paths.output_dir={tmp_path}"])
+        choices = compose("explain", return_hydra_config=True).hydra.runtime.choices
+    assert choices.schema == "explain"
+    assert OmegaConf.get_type(explain_cfg) is ExplainRunConfig
     main_values = OmegaConf.to_container(main, resolve=True)
     explain_values = OmegaConf.to_container(explain_cfg, resolve=True)
     assert {k: explain_values[k] for k in main_values} == main_values
-    assert set(explain_values) - set(main_values) == {
-        "query",
-        "top_anchors",
-        "edit",
-        "abstain",
-        "usage",
-        "model_dir",
-        "save_model",
-    }
-    # Every field the main schema has is MISSING in the explain schema (so it cannot override).
-    defaults = OmegaConf.structured(asif_exp.explain.ExplainConfig)
-    assert all(OmegaConf.is_missing(defaults, f.name) for f in fields(RunConfig))
+    own = {f.name for f in fields(ExplainRunConfig)} - {f.name for f in fields(RunConfig)}
+    assert set(explain_values) - set(main_values) == own
+    assert own >= {"query", "direction", "edit", "abstain", "usage", "model_dir", "save_model"}
 
 
 # ----------------------------------------------------------------------------- the real pipeline

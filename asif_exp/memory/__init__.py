@@ -7,13 +7,24 @@ or added without retraining, and a query that shares no anchor with any prompt c
 
   model.py        the model artifact and editing (AsifModel, save/load)
   usage.py        anchor usage, pruning, abstention and the accuracy-coverage curve
-  explanation.py  the anchor pairs behind one prediction
+  explanation.py  the anchor pairs behind one prediction (a class, or a retrieval match)
   figures.py      their figures and CSV tables (matplotlib: imported only by who draws)
-
-The command line is `asif_exp.explain`.
+  workspace.py    the explain job's model and embedded problem, built by the run's own code
+  job.py          the explain job for any task (the command line `asif_exp.explain` calls it;
+                  these two are not imported here: they load the pipeline)
 """
 
-from asif_exp.memory.explanation import ClassExplanation, Contribution, Explanation, explain
+from asif_exp.memory.explanation import (
+    Candidate,
+    ClassExplanation,
+    Contribution,
+    Explanation,
+    MatchExplanation,
+    PairContribution,
+    RetrievalExplanation,
+    explain,
+    explain_match,
+)
 from asif_exp.memory.model import (
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
@@ -31,8 +42,11 @@ from asif_exp.memory.usage import (
     abstain,
     anchor_usage,
     coverage_curve,
+    coverage_rows,
+    explanation_counts,
     no_overlap,
     prune_unused,
+    topk_counts,
     usage_summary,
 )
 
@@ -45,17 +59,25 @@ __all__ = [
     "UNKNOWN",
     "AnchorUsage",
     "AsifModel",
+    "Candidate",
     "ClassExplanation",
     "Contribution",
     "Explanation",
+    "MatchExplanation",
+    "PairContribution",
     "Prompts",
+    "RetrievalExplanation",
     "abstain",
     "anchor_usage",
     "coverage_curve",
+    "coverage_rows",
     "explain",
+    "explain_match",
+    "explanation_counts",
     "load_model",
     "no_overlap",
     "prune_unused",
     "save_model",
+    "topk_counts",
     "usage_summary",
 ]

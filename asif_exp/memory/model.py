@@ -31,6 +31,7 @@ from asif_exp.methods.asif import (
     relative_representation,
     streaming_topk,
 )
+from asif_exp.problem import Targets
 from asif_exp.tasks.classification import classification_metrics
 from asif_exp.tensors import check_embeddings, unit_rows
 
@@ -53,6 +54,15 @@ class Prompts:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @classmethod
+    def of_targets(cls, targets: Targets) -> Prompts:
+        """A problem's targets as the model scores them: grouped prompts as classes, or
+        ungrouped texts (captions) each its own class, as the run's method scores them."""
+        if targets.groups is None:
+            count = len(targets.texts)
+            return cls(targets.embeddings, torch.arange(count), list(targets.texts), targets.texts)
+        return cls(targets.embeddings, targets.groups, list(targets.group_names), targets.texts)
 
 
 # ----------------------------------------------------------------------------- the model

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asif_exp.memory.model import AsifModel, Prompts
+from asif_exp.memory.model import AsifModel, ModelScores, Prompts
 from asif_exp.tasks.classification import no_overlap
 
 UNKNOWN = -1  # the prediction of an abstaining model
@@ -38,25 +38,36 @@ def coverage_curve(
     scores, so coverage runs from full to ~0. `accuracy` counts only answered queries (None
     when none is answered); `accuracy_all` counts "unknown" as wrong.
     """
-    best = scores.max(dim=1).values
+    correct = scores.argmax(dim=1) == labels.to(scores.device)
+    return coverage_rows(scores.max(dim=1).values, correct, no_overlap(scores), thresholds, num)
+
+
+def coverage_rows(
+    best: Tensor,
+    correct: Tensor,
+    unknown: Tensor,
+    thresholds: Sequence[float | None] | None = None,
+    num: int = 50,
+) -> list[dict]:
+    """The coverage curve of any queries: `best[i]` is query i's best score, `correct[i]` whether
+    its top-1 answer is right, `unknown[i]` whether it always abstains (no anchor shared with
+    any candidate). A query answers when it is not unknown and `best >= threshold`."""
     if thresholds is None:
         quantiles = torch.linspace(0, 1, num, dtype=torch.double)
         thresholds = [None, *sorted(set(torch.quantile(best.double(), quantiles).tolist()))]
     rows = []
     for threshold in thresholds:
-        predictions = abstain(scores, threshold)
-        answered = predictions != UNKNOWN
-        correct = int((predictions[answered] == labels[answered]).sum())
-        covered = int(answered.sum())
+        answered = ~unknown if threshold is None else ~unknown & (best >= threshold)
+        covered, right = int(answered.sum()), int((correct & answered).sum())
         rows.append(
             {
                 "threshold": None if threshold is None else float(threshold),
-                "coverage": covered / len(labels),
-                "accuracy": correct / covered if covered else None,
-                "accuracy_all": correct / len(labels),
+                "coverage": covered / len(best),
+                "accuracy": right / covered if covered else None,
+                "accuracy_all": right / len(best),
                 "answered": covered,
-                "correct": correct,
-                "no_overlap": int(no_overlap(scores).sum()),
+                "correct": right,
+                "no_overlap": int(unknown.sum()),
             }
         )
     return rows
@@ -86,24 +97,46 @@ class AnchorUsage:
 
 def anchor_usage(model: AsifModel, image_embeddings: Tensor, prompts: Prompts) -> AnchorUsage:
     scored = model.score(image_embeddings, prompts)
-    image = scored.image_rr.to_sparse_coo().coalesce()
-    query_of, anchor_of = image.indices()
-    nonzero = image.values() != 0
-    image_topk = torch.bincount(anchor_of[nonzero], minlength=model.n)
-    prompt_rr = model.prompt_representations(prompts.embeddings)
-    prompt_topk = torch.bincount(
-        prompt_rr.col_indices()[prompt_rr.values() != 0], minlength=model.n
-    )
-    # An anchor explains query i when it is non-zero in both i's representation and the
-    # representation of i's predicted class (its best prompt under "max").
-    winners = scored.best_target(scored.scores.argmax(dim=1))
-    targets = scored.targets.to_sparse_coo().coalesce()
-    target_keys = targets.indices()[0] * model.n + targets.indices()[1]
-    target_keys = target_keys[targets.values() != 0]
-    query_keys = winners[query_of] * model.n + anchor_of
-    shared = torch.isin(query_keys, target_keys) & nonzero
-    explanation = torch.bincount(anchor_of[shared], minlength=model.n)
+    image_topk = topk_counts(scored.image_rr)
+    prompt_topk = topk_counts(model.prompt_representations(prompts.embeddings))
+    explanation = explanation_counts(scored)
     return AnchorUsage(image_topk, prompt_topk, explanation, len(image_embeddings))
+
+
+def explanation_counts(scored: ModelScores, by_column: bool = False) -> Tensor:
+    """(n,) per anchor: how many queries' top-1 score it contributes to (non-zero both in the
+    query's representation and in its top candidate's). Queries are the images (rows; a
+    class's candidate is its mean or, under "max", its best prompt) or, `by_column`, the
+    targets (captions: each ranks the images by its column of target scores)."""
+    if by_column:
+        return _shared_with_partner(
+            scored.targets, scored.image_rr, scored.target_scores.argmax(dim=0)
+        )
+    winners = scored.best_target(scored.scores.argmax(dim=1))
+    return _shared_with_partner(scored.image_rr, scored.targets, winners)
+
+
+def _shared_with_partner(queries: Tensor, partners: Tensor, partner_of: Tensor) -> Tensor:
+    """(n,) per anchor: queries (CSR rows) whose partner row `partner_of[query]` (in the CSR
+    `partners`) is non-zero at that anchor too, as the query is."""
+    n = queries.shape[1]
+    query = queries.to_sparse_coo().coalesce()
+    query_of, anchor_of = query.indices()
+    partner = partners.to_sparse_coo().coalesce()
+    partner_keys = partner.indices()[0] * n + partner.indices()[1]
+    partner_keys = partner_keys[partner.values() != 0]
+    shared = torch.isin(partner_of[query_of] * n + anchor_of, partner_keys)
+    return torch.bincount(anchor_of[shared & (query.values() != 0)], minlength=n)
+
+
+def topk_counts(representations: Tensor, rows: Tensor | None = None) -> Tensor:
+    """(n,) per anchor: how many of the CSR `representations`' rows (all, or `rows`) hold it."""
+    coo = representations.to_sparse_coo().coalesce()
+    row, anchor = coo.indices()
+    keep = coo.values() != 0
+    if rows is not None:
+        keep &= torch.isin(row, rows)
+    return torch.bincount(anchor[keep], minlength=representations.shape[1])
 
 
 def usage_summary(counts: Tensor) -> dict:

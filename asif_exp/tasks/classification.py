@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from asif_exp.problem import EmbeddedProblem
+from asif_exp.tasks.base import QueryDirection
 
 
 def accuracy_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> dict:
@@ -63,6 +64,7 @@ class Classification:
     name: str = "classification"
     primary_metric: str = "top1"
     targets: str = "class_prompts"
+    direction_names: tuple[str, ...] = ("image_to_class",)
 
     def metrics(self, scores: Tensor, problem: EmbeddedProblem) -> dict:
         names = problem.targets.group_names
@@ -78,6 +80,12 @@ class Classification:
             "no_overlap_fraction": metrics["no_overlap_fraction"],
             "per_class_accuracy": metrics["per_class_accuracy"],
         }
+
+    def directions(self, problem: EmbeddedProblem) -> list[QueryDirection]:
+        """Images query the classes; the right one is the label."""
+        labels = problem.truth.long()
+        right = labels[:, None] == torch.arange(problem.targets.count)[None, :]
+        return [QueryDirection("image_to_class", "image", "class", False, right, "top1", False)]
 
 
 def build(cfg) -> Classification:

@@ -26,6 +26,7 @@ from torch import Tensor
 from asif_exp.errors import ConfigError
 from asif_exp.options import int_values
 from asif_exp.problem import EmbeddedProblem
+from asif_exp.tasks.base import QueryDirection
 
 PREFIX = "retrieval"
 
@@ -72,6 +73,7 @@ class Retrieval:
     name: str = "retrieval"
     primary_metric: str = f"{PREFIX}.mean_recall"
     targets: str = "captions"  # the benchmark's captions, each its own target
+    direction_names: tuple[str, ...] = ("image_to_text", "text_to_image")
 
     def metrics(self, scores: Tensor, problem: EmbeddedProblem) -> dict:
         truth = problem.truth
@@ -81,6 +83,20 @@ class Retrieval:
                 f"{problem.images.shape[0]} images and {len(truth)} captions"
             )
         return retrieval_metrics(scores, truth, self.recall_at)
+
+    def directions(self, problem: EmbeddedProblem) -> list[QueryDirection]:
+        """image_to_text (rows query the captions; right: the image's own captions), then
+        text_to_image (columns query the images; right: the caption's image). A tie with a
+        wrong candidate is a miss, as in the recalls."""
+        own = problem.truth.long()[None, :] == torch.arange(problem.images.shape[0])[:, None]
+        return [
+            QueryDirection(
+                "image_to_text", "image", "text", False, own, f"{PREFIX}.image_to_text.R@1", True
+            ),
+            QueryDirection(
+                "text_to_image", "text", "image", True, own.T, f"{PREFIX}.text_to_image.R@1", True
+            ),
+        ]
 
 
 def build(cfg) -> Retrieval:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -23,6 +24,7 @@ from asif_exp.data import (
     CaptionedBenchmark,
     DataError,
     Subset,
+    file_hashes,
     load_anchors,
     load_benchmark,
     readable_in_prefixes,
@@ -71,6 +73,7 @@ class Embedder:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.cache = EmbeddingCache(cfg.paths.cache_dir, enabled=cfg.cache)
+        file_hashes.remember_in(cfg.paths.cache_dir)  # image files' content hashes, per status
         self.cached: dict[str, bool] = {}
         self.keys: list[str] = []  # identity keys of everything embedded, in order
 
@@ -272,6 +275,7 @@ def run_job(cfg: DictConfig) -> RunResults:
     """
     check_config(cfg)  # before anything is read, encoded or tracked
     output_dir = Path(cfg.paths.output_dir)
+    check_writable_folder(output_dir, "paths.output_dir")
     results_path = output_dir / RESULTS_FILE
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.skip_existing and results_path.exists():
@@ -285,6 +289,24 @@ def run_job(cfg: DictConfig) -> RunResults:
         tracker.log_results(results)
     results.write(results_path)
     return results
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """Create `folder` if needed and check that a file can be written there, before any work:
+    a file where the folder should be, or a folder that cannot be created or written, is one
+    line naming it, not a crash once everything is computed."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way: expected a folder"
+        raise ConfigError(
+            f"{key}={folder}: cannot write there: {error.filename or folder}: {reason}"
+        ) from None
 
 
 # Config keys that change no number: a results.json written under other values still counts
@@ -423,7 +445,8 @@ def score_and_measure(
 
     A cell whose scores are not all finite is never measured (NaN compares false, so a
     rank-based metric would count it as a hit): it is skipped, warned about and listed in the
-    notes; a grid with no finite cell is an error.
+    notes; a grid where no cell can be evaluated (all skipped as the method cannot fit them, or
+    non-finite) is an error saying why.
     """
     cells, nonfinite = [], []
     for cell in method.score(problem, ns, report):
@@ -435,7 +458,13 @@ def score_and_measure(
     if nonfinite:
         report.notes["skipped_cells_nonfinite_scores"] = nonfinite
     if not cells:
-        raise ValueError(f"method={method.name}: every cell of the grid gave non-finite scores")
+        skipped = report.notes.get("skipped_cells") or []
+        reasons = list(dict.fromkeys(c["reason"] for c in skipped if "reason" in c))
+        what = [f"{len(skipped)} skipped ({'; '.join(reasons[:3])})"] if skipped else []
+        what += [f"{len(nonfinite)} gave non-finite scores"] if nonfinite else []
+        raise ConfigError(
+            f"method={method.name}: no cell of the grid can be evaluated: {', '.join(what)}"
+        )
     return cells
 
 

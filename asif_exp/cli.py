@@ -66,7 +66,7 @@ def is_user_error(error: BaseException) -> bool:
     file-system errors that name their path or are about space, permissions or paths."""
     if isinstance(error, USER_ERRORS):
         return True
-    return isinstance(error, OSError) and bool(error.filename or error.errno in PATH_HINTS)
+    return isinstance(error, OSError) and not isinstance(error, HydraException) and bool(error.filename or error.errno in PATH_HINTS)
 
 
 def path_error_line(error: OSError) -> str:
@@ -94,8 +94,8 @@ def one_line(error: BaseException) -> str:
         if line.strip():
             listing = items or (head and head[-1].endswith(":"))
             (items if listing else head).append(line.strip())
-    if isinstance(error, OSError) and not isinstance(error, USER_ERRORS):
-        return path_error_line(error)
+    if isinstance(error, OSError) and not isinstance(error, (*USER_ERRORS, HydraException)):
+        return path_error_line(error)  # (Hydra's MissingConfigException is an OSError too)
     head = head or [type(error).__name__]
     cause = str(error.__cause__ or "").strip()
     if cause:

@@ -46,6 +46,12 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# A row's largest power below this is computed relative to the row's largest value before it is
+# normalised: the squares in its norm then stay normal floats, exact to float32 precision
+# (sqrt(smallest normal x 2^24)).
+SAFE_POWER = (torch.finfo(torch.float32).tiny * 2.0**24) ** 0.5
+
+
 def resolve_device(device: str) -> torch.device:
     """ "auto" means cuda when available; anything else is a torch device name."""
     if device == "auto":
@@ -537,10 +543,42 @@ def _process(values: Tensor, p: float, clamp_negative: bool, normalize: bool) ->
     if clamp_negative:
         values = values.clamp_min(0.0)
     # An integer power is repeated multiplication (faster than the generic float pow).
-    values = values.pow(int(p) if float(p).is_integer() else p)
+    exponent = int(p) if float(p).is_integer() else p
+    powered = values.pow(exponent)
     if normalize:
-        values = values / values.norm(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
-    return values
+        powered = _without_underflow(values, powered, exponent)
+        powered = powered / powered.norm(dim=1, keepdim=True).clamp_min(
+            torch.finfo(values.dtype).tiny
+        )
+    return powered
+
+
+def _largest(values: Tensor) -> Tensor:
+    return values.abs().amax(dim=1, keepdim=True)
+
+
+def _without_underflow(values: Tensor, powered: Tensor, exponent: float) -> Tensor:
+    """Rows about to be normalised whose largest power is so small that their squares lose
+    precision or vanish (a large p: 0.3 ** 100 is 0 in float32), powered relative to the row's
+    largest value instead: that changes no ranking and no normalised representation. Other rows
+    are left as they are, bit for bit."""
+    largest = _largest(values)
+    lost = (largest > 0) & (largest.pow(exponent) < SAFE_POWER)
+    if not bool(lost.any()):
+        return powered
+    relative = (values / largest.clamp_min(torch.finfo(values.dtype).tiny)).pow(exponent)
+    return torch.where(lost, relative, powered)
+
+
+def underflowed_rows(top: TopK, k: int, p: float, clamp_negative: bool) -> int:
+    """Rows of a side that is not normalised whose largest top-k value raised to p falls below
+    the smallest normal float: their representation lost precision or vanished (all zero)
+    although they had similarities. (A normalised side is computed without underflow.)"""
+    values = top.values[:, :k]
+    largest = _largest(values.clamp_min(0.0) if clamp_negative else values)
+    exponent = int(p) if float(p).is_integer() else p
+    tiny = torch.finfo(values.dtype).tiny
+    return int(((largest > 0) & (largest.pow(exponent) < tiny)).sum())
 
 
 def _check_k(top: TopK, k: int) -> None:
@@ -943,6 +981,7 @@ def score_grid(
     averaging_t = _averaging_t(prompt_class, num_classes) if mean else None
 
     report["skipped"] = [[n, k] for n in ns for k in ks if k > n]
+    report["underflowed"] = []
     k_max = max(k for k in ks if k <= ns[-1])
     start = time.perf_counter()
     image_top = _memoized_topk(
@@ -963,6 +1002,10 @@ def score_grid(
         disable=not progress or len(valid) * len(ps) == 1,
     )
     prompt_by_anchor, image_by_id = {}, {}
+    # A side that is not normalised keeps its scale (it matters for text->image retrieval with
+    # normalize=prompt): not rescaled, but its underflowed rows are flagged.
+    unnormalised = [("image", image_top)] if options.normalize != "both" else []
+    unnormalised += [("prompt", prompt_top)] if options.normalize == "none" else []
     for n, k in valid:
         start = time.perf_counter()
         # The sparsity patterns depend on (n, k) only: built once, reused for every p; the
@@ -980,6 +1023,17 @@ def score_grid(
         )
         for p, scores in cell:
             scoring_s += time.perf_counter() - start
+            for side, top in unnormalised:
+                rows = underflowed_rows(top[n], k, p, options.clamp_negative)
+                if rows:
+                    log.warning(
+                        "cell n=%d k=%d p=%g: %d %s representation(s) of %d underflowed (not "
+                        "normalised, so not rescaled; listed in the notes)",
+                        *(n, k, p, rows, side, top[n].values.shape[0]),
+                    )
+                    report["underflowed"].append(
+                        {"n_used": n, "k": k, "p": p, "side": side, "rows": rows}
+                    )
             yield {"n": n, "k": k, "p": p}, scores
             start = time.perf_counter()
             bar.update()
@@ -1182,6 +1236,9 @@ class AsifMethod:
         ):
             yield ScoredCell(params, scores)
         report.notes["skipped_cells_k_gt_n"] = grid.pop("skipped")
+        underflowed = grid.pop("underflowed")
+        if underflowed:
+            report.notes["underflowed_cells"] = underflowed
         report.timings.update(grid)
 
 

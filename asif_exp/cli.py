@@ -66,7 +66,11 @@ def is_user_error(error: BaseException) -> bool:
     file-system errors that name their path or are about space, permissions or paths."""
     if isinstance(error, USER_ERRORS):
         return True
-    return isinstance(error, OSError) and not isinstance(error, HydraException) and bool(error.filename or error.errno in PATH_HINTS)
+    return (
+        isinstance(error, OSError)
+        and not isinstance(error, HydraException)
+        and bool(error.filename or error.errno in PATH_HINTS)
+    )
 
 
 def path_error_line(error: OSError) -> str:
@@ -156,7 +160,9 @@ def _record_failed_job(error: Exception) -> None:
     else:
         log.error("job %s failed: %s", hydra.job.num, one_line(error))
     message = f"{type(error).__name__} (a bug: traceback in its log)" if bug else one_line(error)
-    overrides = " ".join(hydra.overrides.task)
+    # The job's own values: the overrides the command line did not give as they are (swept).
+    given = {argument.lower() for argument in sys.argv[1:]}  # (Hydra writes false as False)
+    overrides = " ".join(o for o in hydra.overrides.task if o.lower() not in given)
     _Sweep.failed.append(
         FailedJob(hydra.job.num, overrides, message, hydra.runtime.output_dir, bug)
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import os
 import random
 import unicodedata
 from collections import defaultdict
@@ -96,10 +97,10 @@ class ImageFiles:
     def __init__(self, root: Path, relative_paths: list[str]):
         self.root = root
         self.ids = list(relative_paths)
+        folder = str(root)
         for rel in self.ids:
-            path = root / rel
-            if not path.is_file():
-                raise DataError(f"image file not found: {path}")
+            if not os.path.isfile(os.path.join(folder, rel)):
+                raise DataError(f"image file not found: {root / rel}")
 
     @functools.cached_property
     def fingerprint(self) -> dict:
@@ -107,7 +108,9 @@ class ImageFiles:
         cache. The names of the files and the sha256 of every file's bytes (remembered per file
         status in the hash index: only new or changed files are read, see `file_hashes`)."""
         distinct = list(dict.fromkeys(self.ids))
-        hashes = dict(zip(distinct, content_hashes([self.root / r for r in distinct]), strict=True))
+        root = os.path.abspath(self.root)
+        paths = [os.path.normpath(os.path.join(root, rel)) for rel in distinct]
+        hashes = dict(zip(distinct, content_hashes(paths), strict=True))
         return {
             "source": "files",
             "ids_sha": sha_of(self.ids),

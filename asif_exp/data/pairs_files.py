@@ -148,6 +148,8 @@ def pairs_file_anchors(cfg, data_root: str, group: str = "anchors") -> AnchorSet
         if cfg.image_root
         else path.parent
     )
+    if not image_root.is_dir():
+        raise DataError(f"{group}.image_root={image_root}: a file; expected the images' folder")
     for line, row in rows:
         if not (image_root / str(row[cfg.image_column])).is_file():
             image = image_root / str(row[cfg.image_column])

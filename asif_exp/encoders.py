@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from asif_exp.methods.asif import resolve_device
+from asif_exp.tensors import resolve_device
 
 log = logging.getLogger(__name__)
 

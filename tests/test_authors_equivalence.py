@@ -18,13 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from asif_exp.methods.asif import (
-    AUTHORS_OPTIONS,
-    AUTHORS_UNCLAMPED_OPTIONS,
-    AsifOptions,
-    evaluate_grid,
-    unit_rows,
-)
+from asif_exp.methods.asif import AUTHORS_OPTIONS, AUTHORS_UNCLAMPED_OPTIONS, AsifOptions
+from asif_exp.tasks.classification_grid import evaluate_grid
+from asif_exp.tensors import unit_rows
 
 BASELINE = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "authors_baseline.py"
 NS, KS, PS = [100, 200, 300], [20, 90], [1.0, 3.0, 8.0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from asif_exp.methods.asif import select_topk
-from asif_exp.methods.cpu_kernels import MAX_WIDTH, append_above, grouped_products, keep_top
+from asif_exp.methods.asif.cpu_kernels import MAX_WIDTH, append_above, grouped_products, keep_top
 
 
 @pytest.mark.parametrize("levels", [None, 7, 1], ids=["distinct", "many-ties", "two-values"])

@@ -4,18 +4,24 @@ import pytest
 import torch
 from reference import random_embeddings, reference_for_cell
 
-from asif_exp.methods import asif as engine
 from asif_exp.methods.asif import (
     AUTHORS_OPTIONS,
     AUTHORS_UNCLAMPED_OPTIONS,
     AsifOptions,
-    evaluate_grid,
+    class_representation,
+    class_scores,
+    cpu_kernels,
+    layouts,
     relative_representation,
+    scoring,
     select_topk,
+    sparse_scores,
     streaming_topk,
-    unit_rows,
+    topk,
 )
 from asif_exp.methods.base import max_over_groups
+from asif_exp.tasks.classification_grid import evaluate_grid
+from asif_exp.tensors import unit_rows
 
 
 def random_problem(seed, images=40, anchors=300, classes=5, templates=3, d_image=16, d_text=12):
@@ -161,7 +167,7 @@ def test_select_topk_matches_a_full_sort_under_heavy_ties(seed, k):
 @pytest.mark.parametrize("path_cost", [0.0, 1e12], ids=["sparse", "dense"])
 def test_dense_and_sparse_scoring_paths_match_the_reference(option_set, path_cost, monkeypatch):
     # The per-cell choice between a dense GEMM and a sparse product must not change results.
-    monkeypatch.setitem(engine.SPARSE_MAC_COST, "cpu", path_cost)
+    monkeypatch.setitem(layouts.SPARSE_MAC_COST, "cpu", path_cost)
     problem = random_problem(7)
     options = AsifOptions(device="cpu", **option_set)
     cells, _ = evaluate_grid(
@@ -186,20 +192,18 @@ def test_threshold_filter_and_its_overflow_match_topk(order, compiled, monkeypat
     # tile beats the running top-k; the PyTorch path (the GPU's) finds more than its pool holds
     # and selects from the tile directly, the compiled CPU path always has room for a tile.
     # Both must give the dense top-k either way.
-    monkeypatch.setattr(engine, "USE_CPU_KERNELS", compiled)
+    monkeypatch.setattr(cpu_kernels, "USE_CPU_KERNELS", compiled)
     direct, kernel_calls = [], []
-    original = engine._CandidatePool.select
+    original = topk.CandidatePool.select
     monkeypatch.setattr(
-        engine._CandidatePool,
+        topk.CandidatePool,
         "select",
         lambda self, values=None, ids=None: (
             direct.append(values is not None and self.held > 0) or original(self, values, ids)
         ),
     )
-    append_above = engine.append_above
-    monkeypatch.setattr(
-        engine, "append_above", lambda *a: kernel_calls.append(1) or append_above(*a)
-    )
+    append_above = topk.append_above
+    monkeypatch.setattr(topk, "append_above", lambda *a: kernel_calls.append(1) or append_above(*a))
     g = torch.Generator().manual_seed(8)
     direction = unit_rows(torch.randn(1, 8, generator=g))
     queries = unit_rows(direction + 0.01 * torch.randn(20, 8, generator=g))
@@ -234,16 +238,16 @@ def test_public_class_representation_and_sparse_scores_match_dense():
     prompt_rr = relative_representation(
         streaming_topk(prompts, anchors, [80], 10, options, progress=False)[80], 10, 2, True, True
     )
-    classes = engine.class_representation(prompt_rr, prompt_class, 3, normalize=True).to_dense()
+    classes = class_representation(prompt_rr, prompt_class, 3, normalize=True).to_dense()
     dense = prompt_rr.to_dense()
     expected = torch.nn.functional.normalize(
         torch.stack([dense[prompt_class == c].mean(0) for c in range(3)]), dim=1
     )
     torch.testing.assert_close(classes, expected)
     torch.testing.assert_close(
-        engine.sparse_scores(image_rr, prompt_rr, options), image_rr.to_dense() @ dense.T
+        sparse_scores(image_rr, prompt_rr, options), image_rr.to_dense() @ dense.T
     )
-    scores = engine.class_scores(
+    scores = class_scores(
         image_rr, prompt_rr, prompt_class, 3, AsifOptions(device="cpu", template_aggregation="max")
     )
     products = image_rr.to_dense() @ dense.T
@@ -288,7 +292,7 @@ def test_compiled_cpu_path_and_pytorch_path_give_the_same_top_k(budget_mb, monke
     options = AsifOptions(device="cpu", memory_budget_mb=budget_mb)
     snapshots = {}
     for compiled in (True, False):
-        monkeypatch.setattr(engine, "USE_CPU_KERNELS", compiled)
+        monkeypatch.setattr(cpu_kernels, "USE_CPU_KERNELS", compiled)
         snapshots[compiled] = streaming_topk(
             queries, anchors, [50, 90, 700, 3000], 80, options, progress=False
         )
@@ -306,17 +310,17 @@ def test_compiled_scoring_gives_the_pytorch_paths_scores_bit_for_bit(option_set,
     # lone p) take one PyTorch/MKL product per p. The sums run in the same order (anchors
     # ascending), so the scores are equal bit for bit. The budget holds two p's scores:
     # batches of two p, then a lone one.
-    monkeypatch.setitem(engine.SPARSE_MAC_COST, "cpu", 0.0)  # every cell sparse
+    monkeypatch.setitem(layouts.SPARSE_MAC_COST, "cpu", 0.0)  # every cell sparse
     problem = random_problem(3, images=60, anchors=400)
     options = AsifOptions(device="cpu", memory_budget_mb=2 * 60 * 5 * 4 / 2**20, **option_set)
     widths = []
-    kernel = engine.grouped_products
+    kernel = scoring.grouped_products
     monkeypatch.setattr(
-        engine, "grouped_products", lambda *a: widths.append(len(a[2])) or kernel(*a)
+        scoring, "grouped_products", lambda *a: widths.append(len(a[2])) or kernel(*a)
     )
     grids = {}
     for compiled in (True, False):
-        monkeypatch.setattr(engine, "USE_CPU_KERNELS", compiled)
+        monkeypatch.setattr(cpu_kernels, "USE_CPU_KERNELS", compiled)
         grids[compiled], _ = evaluate_grid(
             **problem,
             ns=[100, 400],
@@ -337,14 +341,14 @@ def test_densify_writes_every_entry_of_a_csr_matrix():
     dense[dense < 0.6] = 0
     dense[3] = 0  # an empty row
     for dtype in (torch.float32, torch.bfloat16):
-        assert torch.equal(engine._densify(dense.to_sparse_csr(), dtype), dense.to(dtype))
+        assert torch.equal(layouts.densify(dense.to_sparse_csr(), dtype), dense.to(dtype))
 
 
 def test_cost_model_builds_dense_blocks_only_where_the_gemm_repays_them():
     # Measured on the CPU (experiments/bench/calibrate_scoring.py): at high density a dense GEMM
     # wins with 1,000 targets; with 10 it does not repay building the dense image blocks.
     cpu, budget = torch.device("cpu"), 2**28
-    assert engine._use_dense(5000, 1000, 1000, 800, 800, budget, cpu)
-    assert not engine._use_dense(5000, 10, 1000, 800, 1000, budget, cpu)
-    assert not engine._use_dense(5000, 1000, 16000, 800, 800, budget, cpu)  # sparse enough
-    assert not engine._use_dense(5000, 1000, 1000, 800, 800, 1000 * 1000 - 1, cpu)  # no room
+    assert layouts.use_dense(5000, 1000, 1000, 800, 800, budget, cpu)
+    assert not layouts.use_dense(5000, 10, 1000, 800, 1000, budget, cpu)
+    assert not layouts.use_dense(5000, 1000, 16000, 800, 800, budget, cpu)  # sparse enough
+    assert not layouts.use_dense(5000, 1000, 1000, 800, 800, 1000 * 1000 - 1, cpu)  # no room

@@ -35,18 +35,20 @@ from reference import random_embeddings, reference_for_cell
 
 import asif_exp.embeddings
 import asif_exp.explain
-import asif_exp.methods.asif
+import asif_exp.methods.asif.method
 from asif_exp.cli import is_user_error, one_line, run_cli, user_errors_in_one_line
 from asif_exp.data import DataError, ImageFiles, file_hashes, is_blank, to_rgb
 from asif_exp.embeddings import EmbeddingCache
 from asif_exp.memory import AsifModel, ModelFormatError, load_model
-from asif_exp.methods.asif import AsifMethod, AsifOptions
+from asif_exp.methods.asif import AsifMethod, AsifOptions, relative_representation
+from asif_exp.methods.asif.topk import TopK
 from asif_exp.methods.base import MethodReport
 from asif_exp.options import ConfigError, check_config
 from asif_exp.pipeline import run
 from asif_exp.problem import EmbeddedProblem, Targets
 from asif_exp.results import RESULTS_FILE, read_results, write_json_atomic
 from asif_exp.tasks.classification import classification_metrics
+from asif_exp.tasks.classification_grid import evaluate_grid
 
 TESTS = Path(__file__).resolve().parent
 
@@ -54,13 +56,13 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture
 def engine_calls(monkeypatch) -> list:
     """Counts the jobs that actually score (a skipped job does not)."""
-    real, calls = asif_exp.methods.asif.score_grid, []
+    real, calls = asif_exp.methods.asif.method.score_grid, []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(asif_exp.methods.asif, "score_grid", counted)
+    monkeypatch.setattr(asif_exp.methods.asif.method, "score_grid", counted)
     return calls
 
 
@@ -627,7 +629,7 @@ def test_a_large_p_does_not_underflow_to_chance():
     g = torch.Generator().manual_seed(0)
     problem = random_embeddings(g, 40, 60, 5, 2, 256, 256)
     options = AsifOptions()
-    cells, _ = asif_exp.methods.asif.evaluate_grid(
+    cells, _ = evaluate_grid(
         **problem,
         ns=[60],
         ks=[20],
@@ -646,10 +648,11 @@ def test_a_large_p_does_not_underflow_to_chance():
 def test_the_power_is_unchanged_where_it_does_not_underflow():
     g = torch.Generator().manual_seed(1)
     values = torch.rand(30, 12, generator=g).sort(dim=1, descending=True).values
+    top = TopK(values, torch.arange(12).expand(30, 12), 12)
     for p in (1, 2, 8, 2.5):
         powered = values.pow(int(p) if float(p).is_integer() else p)
         plain = powered / powered.norm(dim=1, keepdim=True)
-        assert torch.equal(asif_exp.methods.asif._process(values, p, True, True), plain)
+        assert torch.equal(relative_representation(top, 12, p, True, True).to_dense(), plain)
 
 
 def test_underflowed_representations_on_a_side_not_normalised_are_flagged(caplog):

@@ -30,9 +30,9 @@ from asif_exp.methods.asif import (
     AUTHORS_OPTIONS,
     AUTHORS_UNCLAMPED_OPTIONS,
     AsifOptions,
-    evaluate_grid,
 )
 from asif_exp.pipeline import run
+from asif_exp.tasks.classification_grid import evaluate_grid
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 OPTION_SETS = [

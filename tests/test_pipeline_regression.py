@@ -1,4 +1,4 @@
-"""The pipeline gives the same metrics as the code before methods and tasks (commit cc9b6d4).
+"""The pipeline gives the same cells as the code these results were recorded with.
 
 tests/data/pre_refactor_cells.json holds, per case, the config overrides and every cell's
 metrics as the pre-refactor `asif_exp.run.run` computed them. They were produced by running that
@@ -8,18 +8,110 @@ case, and dumping `{n, k, p, top1, top5, mean_per_class_recall, no_overlap_fract
 per_class_accuracy}` of every row of `cells`. The cases cover both scoring paths (class means,
 clean options; best prompt, the authors' options) on the embedded default and on a coco_mini
 -> CIFAR-10 slice.
+
+tests/data/regression_cells.json holds the cases added before the engine became a package
+(issue 21): retrieval (a drawn-shapes pairs file against the embedded anchors, and a Flickr8k
+test slice against Flickr8k anchors) and two baselines (ridge, CCA with a skipped cell) on the
+embedded default. Each case lists its method, task, overrides and every cell of results.json
+(`params` and `metrics`) as commit 886e8fe computed them, recorded with that commit checked out
+by `PYTHONPATH=. python tests/test_pipeline_regression.py` (it rewrites the file; `{pairs}` in
+an override is the drawn-shapes pairs file, made by `shapes_pairs_file`).
 """
 
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, require_shared_data
+from conftest import SHARED_DATA, compose_config, require_shared_data
 
 from asif_exp.pipeline import run
 from asif_exp.results import read_results
+from asif_exp.synthetic import render, sample
 
-EXPECTED = json.loads((Path(__file__).parent / "data" / "pre_refactor_cells.json").read_text())
+DATA = Path(__file__).parent / "data"
+EXPECTED = json.loads((DATA / "pre_refactor_cells.json").read_text())
+RECORDED = DATA / "regression_cells.json"
+
+# The embedded default at a size that encodes in seconds (as conftest.TINY, without k and p).
+EMBEDDED = [
+    "anchors.num_samples=150",
+    "benchmark.num_samples=60",
+    "anchors.image_size=96",
+    "benchmark.image_size=96",
+    "encoder.vision.resize_size=96",
+    "encoder.vision.crop_size=96",
+]
+PAIRS_BENCHMARK = [
+    "benchmark=flickr8k",
+    "benchmark.path={pairs}",
+    "benchmark.image_root=null",
+    "benchmark.splits=null",
+]
+CASES = {
+    "embedded_shapes_retrieval": [
+        *EMBEDDED,
+        *PAIRS_BENCHMARK,
+        "task=retrieval",
+        "asif.n=[50,150]",
+        "asif.k=[5,20]",
+        "asif.p=[1,4]",
+    ],
+    "embedded_shapes_retrieval_authors": [
+        *EMBEDDED,
+        *PAIRS_BENCHMARK,
+        "task=retrieval",
+        "asif=authors",
+        "asif.n=[50,150]",
+        "asif.k=[5,20]",
+        "asif.p=[1,4]",
+    ],
+    "embedded_ridge": [*EMBEDDED, "method=ridge", "asif.n=[50,150]", "method.alpha=[0.1,10]"],
+    "embedded_cca": [
+        *EMBEDDED,
+        "method=cca",
+        "asif.n=[50,150]",
+        "method.r=[8,100]",  # r = 100 > n - 1 at n = 50: a skipped cell
+        "method.regularization=[0.3,1]",
+    ],
+    "flickr8k_retrieval": [
+        "task=retrieval",
+        "anchors=flickr8k",
+        "anchors.limit=300",
+        "benchmark=flickr8k",
+        "benchmark.limit=40",  # the first 8 test images, 5 captions each
+        "asif.n=[150,300]",
+        "asif.k=[10,50]",
+        "asif.p=[1,4]",
+    ],
+}
+NEEDS_SHARED_DATA = {"flickr8k_retrieval"}
+
+
+def shapes_pairs_file(folder: Path, images: int = 20) -> Path:
+    """A retrieval benchmark of drawn shapes, two captions per image, in a pairs file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(images):
+        item = sample(seed=0, index=2_000_000 + i)  # disjoint from the synthetic anchors
+        render(item, 96).save(folder / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": item.caption})
+        rows.append({"image": f"{i}.png", "caption": f"a {item.colour} {item.shape}"})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_case(name: str, out_dir: Path, cache_dir: Path):
+    """Run one case of `CASES`; returns its results record as read back from disk."""
+    pairs = shapes_pairs_file(out_dir / "pairs")
+    overrides = [o.replace("{pairs}", str(pairs)) for o in CASES[name]]
+    extra = ["progress=false", f"paths.cache_dir={cache_dir}"]
+    if name in NEEDS_SHARED_DATA:
+        extra.append(f"paths.data_root={SHARED_DATA}")
+    run(compose_config([*overrides, *extra], out_dir / "run"))
+    return read_results(out_dir / "run" / "results.json")
 
 
 def check_case(name, tmp_path, cache_dir):
@@ -48,3 +140,56 @@ def test_coco_mini_cifar10_metrics_unchanged(name, tmp_path, tiny_cache_dir):
     require_shared_data("coco_mini", "captions.jsonl")
     require_shared_data("cifar10_test")
     check_case(name, tmp_path, tiny_cache_dir)
+
+
+def check_recorded(name, tmp_path, cache_dir):
+    expected = json.loads(RECORDED.read_text())["cases"][name]
+    assert expected["overrides"] == CASES[name]  # the case recorded is the case run
+    record = run_case(name, tmp_path, cache_dir)
+    assert (record.method, record.task) == (expected["method"], expected["task"])
+    assert [c.params for c in record.cells] == [c["params"] for c in expected["cells"]]
+    for cell, want in zip(record.cells, expected["cells"], strict=True):
+        assert cell.metrics.keys() == want["metrics"].keys(), (name, cell.params)
+        for key, value in want["metrics"].items():
+            got = cell.metrics[key]
+            assert got == pytest.approx(value, rel=1e-9, nan_ok=True), (name, cell.params, key)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "embedded_shapes_retrieval",
+        "embedded_shapes_retrieval_authors",
+        "embedded_ridge",
+        "embedded_cca",
+    ],
+)
+def test_embedded_retrieval_and_baseline_cells_unchanged(name, tmp_path, tiny_cache_dir):
+    check_recorded(name, tmp_path, tiny_cache_dir)
+
+
+@pytest.mark.slow
+def test_flickr8k_retrieval_cells_unchanged(tmp_path, tiny_cache_dir):
+    require_shared_data("flickr8k", "captions.jsonl")
+    check_recorded("flickr8k_retrieval", tmp_path, tiny_cache_dir)
+
+
+def record_all() -> None:
+    """Rewrite tests/data/regression_cells.json with the cells the checked-out code computes."""
+    cases = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in CASES:
+            if name in NEEDS_SHARED_DATA and not SHARED_DATA.exists():
+                sys.exit(f"{SHARED_DATA} not found: cannot record {name}")
+            record = run_case(name, Path(folder) / name, Path(folder) / "cache")
+            cells = [{"params": c.params, "metrics": c.metrics} for c in record.cells]
+            cases[name] = dict(
+                method=record.method, task=record.task, overrides=CASES[name], cells=cells
+            )
+            print(name, len(cells), "cells")
+    payload = {"source": "commit 886e8fe, by record_all() in this file", "cases": cases}
+    RECORDED.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    record_all()

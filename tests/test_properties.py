@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from reference import random_embeddings, reference_for_cell
 
 from asif_exp.memory import AsifModel, Prompts, explain
-from asif_exp.methods.asif import AsifOptions, evaluate_grid, streaming_topk
+from asif_exp.methods.asif import AsifOptions, streaming_topk
+from asif_exp.tasks.classification_grid import evaluate_grid
 
 # Non-integer p only with clamping: see test_fractional_p_without_clamping_is_finite.
 P_VALUES = [1.0, 2.0, 3.0, 8.0]

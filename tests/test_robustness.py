@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 import asif_exp.explain
-import asif_exp.methods.asif
+import asif_exp.methods.asif.method
 from asif_exp.data import (
     AnchorSet,
     DataError,
@@ -26,9 +26,11 @@ from asif_exp.data import (
 )
 from asif_exp.embeddings import EmbeddingCache
 from asif_exp.memory import AsifModel
-from asif_exp.methods.asif import AsifOptions, check_embeddings, evaluate_grid
+from asif_exp.methods.asif import AsifOptions
 from asif_exp.options import ConfigError
 from asif_exp.pipeline import run
+from asif_exp.tasks.classification_grid import evaluate_grid
+from asif_exp.tensors import check_embeddings
 
 
 def assert_cache_is_whole(cache_dir: Path) -> None:
@@ -252,7 +254,7 @@ def test_truncated_cache_entry_is_detected_and_recomputed(tmp_path):
 
 def test_sweep_killed_halfway_resumes_with_skip_existing(tmp_path, monkeypatch):
     jobs = [(f"job{i}", f"asif.k={k}") for i, k in enumerate([3, 5, 8])]
-    real_grid, calls = asif_exp.methods.asif.score_grid, []
+    real_grid, calls = asif_exp.methods.asif.method.score_grid, []
 
     def killed_on_second_job(*args, **kwargs):
         calls.append(1)
@@ -260,7 +262,7 @@ def test_sweep_killed_halfway_resumes_with_skip_existing(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the sweep is killed in the middle of job 1
         return real_grid(*args, **kwargs)
 
-    monkeypatch.setattr(asif_exp.methods.asif, "score_grid", killed_on_second_job)
+    monkeypatch.setattr(asif_exp.methods.asif.method, "score_grid", killed_on_second_job)
     with pytest.raises(KeyboardInterrupt):
         for name, override in jobs:
             run(config(tmp_path, override, "skip_existing=true", output=f"sweep/{name}"))
@@ -271,7 +273,7 @@ def test_sweep_killed_halfway_resumes_with_skip_existing(tmp_path, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(
-        asif_exp.methods.asif,
+        asif_exp.methods.asif.method,
         "score_grid",
         lambda *a, **kw: (calls.append(1), real_grid(*a, **kw))[1],
     )

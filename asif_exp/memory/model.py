@@ -25,13 +25,12 @@ from asif_exp.embeddings import file_sha256, save_tensors
 from asif_exp.methods.asif import (
     AsifOptions,
     TopK,
-    check_embeddings,
     model_scores,
     relative_representation,
     streaming_topk,
-    unit_rows,
 )
 from asif_exp.tasks.classification import classification_metrics
+from asif_exp.tensors import check_embeddings, unit_rows
 
 MODEL_FORMAT = "asif_model"
 MODEL_FORMAT_VERSION = 1

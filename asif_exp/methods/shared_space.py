@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from asif_exp.methods.asif import check_embeddings, resolve_device, unit_rows
 from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
 from asif_exp.options import check_prefixes
 from asif_exp.problem import EmbeddedProblem, Targets
+from asif_exp.tensors import check_embeddings, resolve_device, unit_rows
 
 FIT_DTYPE = torch.float64
 

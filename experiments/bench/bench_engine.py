@@ -30,15 +30,10 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_baseline import zero_shot_classification  # noqa: E402
 
-from asif_exp.methods.asif import (  # noqa: E402
-    AUTHORS_OPTIONS,
-    AsifOptions,
-    _similarities,
-    _tile_elements,
-    evaluate_grid,
-    streaming_topk,
-    unit_rows,
-)
+from asif_exp.methods.asif import AUTHORS_OPTIONS, AsifOptions, streaming_topk  # noqa: E402
+from asif_exp.methods.asif.topk import similarities, tile_elements  # noqa: E402
+from asif_exp.tasks.classification_grid import evaluate_grid  # noqa: E402
+from asif_exp.tensors import unit_rows  # noqa: E402
 
 GRID_NS = [10_000, 20_000, 50_000, 100_000, 200_000, 400_000, 800_000, 1_600_000]
 GRID_KS = [50, 100, 200, 400, 800]
@@ -249,9 +244,9 @@ def similarity_products(problem: dict, n: int, options: AsifOptions) -> None:
     ]
     for queries, anchors in sides:
         queries, anchors = queries.to(device, dtype), anchors[:n].to(device, dtype)
-        width = max(1, min(n, _tile_elements(device, options.budget_elements) // len(queries)))
+        width = max(1, min(n, tile_elements(device, options.budget_elements) // len(queries)))
         for start in range(0, n, width):
-            _similarities(queries, anchors[start : start + width])
+            similarities(queries, anchors[start : start + width])
 
 
 def memory_scaling(args: argparse.Namespace, device: torch.device, options: AsifOptions) -> list:

@@ -30,14 +30,10 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from asif_exp.methods.asif import (  # noqa: E402
-    AsifOptions,
-    GridInputs,
-    _matmul_f32,
-    score_grid,
-    unit_rows,
-)
+from asif_exp.methods.asif import AsifOptions, GridInputs, score_grid  # noqa: E402
+from asif_exp.methods.asif.topk import matmul_f32  # noqa: E402
 from asif_exp.tasks.classification import classification_metrics  # noqa: E402
+from asif_exp.tensors import unit_rows  # noqa: E402
 
 # Figure 4's grid on Flickr8k anchors (conf/sweep/fig4_flickr8k.yaml).
 NS = [1000, 2000, 5000, 10_000, 20_000, 30_000]
@@ -158,7 +154,7 @@ def similarity_products_s(inputs: GridInputs, n: int, options: AsifOptions) -> f
     for queries, anchors in sides:
         rows = max(1, options.budget_elements // n)
         for first in range(0, queries.shape[0], rows):
-            _matmul_f32(queries[first : first + rows], anchors.T)
+            matmul_f32(queries[first : first + rows], anchors.T)
     synchronize(device)
     return time.perf_counter() - start
 

@@ -1,6 +1,6 @@
 """Time the engine's two scoring paths (dense GEMM, sparse product) at a few (n, k) and measure the
 constants of its cost model (`SPARSE_MAC_COST`, `DENSE_ZERO_COST` and `DENSE_FILL_COST` of
-`asif_exp.methods.asif`), in units of one multiply-add of a dense GEMM.
+`asif_exp.methods.asif.layouts`), in units of one multiply-add of a dense GEMM.
 
 The model says: sparse costs rows * k * (target entries per anchor) multiply-adds times
 SPARSE_MAC_COST; dense costs rows * n * targets multiply-adds, plus rows * n elements of dense
@@ -25,21 +25,20 @@ from pathlib import Path
 
 import torch
 
-from asif_exp.methods.asif import (
+from asif_exp.methods.asif import AsifOptions, streaming_topk
+from asif_exp.methods.asif.layouts import (
     DENSE_FILL_COST,
     DENSE_ZERO_COST,
     SPARSE_MAC_COST,
-    AsifOptions,
-    _cell_scores,
-    _csr_rows,
-    _densify,
-    _matmul_f32,
-    _row_layout,
-    _transposed_layout,
-    _use_dense,
-    streaming_topk,
-    unit_rows,
+    csr_rows,
+    densify,
+    row_layout,
+    transposed_layout,
+    use_dense,
 )
+from asif_exp.methods.asif.scoring import cell_scores
+from asif_exp.methods.asif.topk import matmul_f32
+from asif_exp.tensors import unit_rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +72,7 @@ def best_time(run, device: torch.device, repeats: int) -> float:
 
 def scores_of_every_p(image_layout, prompt_layout, ps, groups, options, dense) -> list:
     """One cell's scoring for every p, as the grid runs it."""
-    cell = _cell_scores(image_layout, prompt_layout, ps, groups, len(groups), options, dense, None)
+    cell = cell_scores(image_layout, prompt_layout, ps, groups, len(groups), options, dense, None)
     return list(cell)
 
 
@@ -111,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     cells = []
     for n in ns:
         for k in [k for k in ks if k <= n]:
-            image_layout = _row_layout(image_top[n], k)
-            prompt_layout = _transposed_layout(prompt_top[n], k)
+            image_layout = row_layout(image_top[n], k)
+            prompt_layout = transposed_layout(prompt_top[n], k)
             cell = {"n": n, "k": k, "dense_s": None}
             for path, dense in (("dense", True), ("sparse", False)):
                 if dense and n * args.targets > budget:
@@ -125,21 +124,21 @@ def main(argv: list[str] | None = None) -> dict:
             # The primitives, on one block of image rows that fits the budget.
             image_rr = image_layout.csr(ps[0], True, False)
             target_t = prompt_layout.csr(ps[0], True, True)
-            block = _csr_rows(image_rr, 0, max(1, min(args.rows, budget // n)))
+            block = csr_rows(image_rr, 0, max(1, min(args.rows, budget // n)))
             rows = block.shape[0]
-            target_dense = _densify(target_t, dtype)
-            dense_block = _densify(block, dtype)
-            mac_s = timed(partial(_matmul_f32, dense_block, target_dense)) / (
+            target_dense = densify(target_t, dtype)
+            dense_block = densify(block, dtype)
+            mac_s = timed(partial(matmul_f32, dense_block, target_dense)) / (
                 rows * n * args.targets
             )
             zero_s = timed(partial(torch.zeros, rows, n, dtype=dtype, device=device))
-            fill_s = max(0.0, timed(partial(_densify, block, dtype)) - zero_s)
+            fill_s = max(0.0, timed(partial(densify, block, dtype)) - zero_s)
             triples = args.rows * k * target_t.values().numel() / n
             cell.update(
                 sparse_mac_cost=cell["sparse_s"] / triples / mac_s,
                 dense_zero_cost=zero_s / (rows * n) / mac_s,
                 dense_fill_cost=fill_s / block.values().numel() / mac_s,
-                engine_dense=_use_dense(args.rows, args.targets, n, k, k, budget, device),
+                engine_dense=use_dense(args.rows, args.targets, n, k, k, budget, device),
             )
             if cell["dense_s"] is not None:
                 cell["right_choice"] = cell["engine_dense"] == (cell["dense_s"] < cell["sparse_s"])

@@ -24,6 +24,10 @@ import torch
 from numba.np.unsafe.ndarray import to_fixed_tuple
 from torch import Tensor
 
+# CPU tensors take these compiled loops (tests turn this off to run, on the CPU, the PyTorch
+# path that GPUs take).
+USE_CPU_KERNELS = True
+
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def _append_above(sims, threshold, start, values, ids, fill, offset):

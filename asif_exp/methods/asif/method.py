@@ -1,0 +1,142 @@
+"""ASIF as a method of the pipeline (`AsifMethod`, `build`), the top-k memo kept between the jobs
+of a multirun, and one (n, k, p) model's scores kept whole for `asif_exp.memory`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from asif_exp.methods.asif.grid import GridInputs, score_grid
+from asif_exp.methods.asif.layouts import transpose_csr
+from asif_exp.methods.asif.options import AsifOptions, asif_options, check_grid, function_of
+from asif_exp.methods.asif.scoring import (
+    image_representations,
+    prompt_representations_t,
+    score_targets,
+)
+from asif_exp.methods.asif.topk import TopK
+from asif_exp.methods.base import MethodReport, ScoredCell
+from asif_exp.options import anchor_prefixes, int_values, positive_values
+from asif_exp.problem import EmbeddedProblem
+
+log = logging.getLogger(__name__)
+
+# Top-k passes kept between the jobs of an in-process multirun over k, p and n; only the
+# latest set of embeddings is kept, to bound memory.
+_TOPK_MEMO: dict[tuple, dict] = {}
+
+
+def topk_memo_for(embedding_keys: tuple) -> dict:
+    if embedding_keys not in _TOPK_MEMO:
+        _TOPK_MEMO.clear()
+        _TOPK_MEMO[embedding_keys] = {}
+    return _TOPK_MEMO[embedding_keys]
+
+
+@dataclass
+class AsifMethod:
+    """ASIF over the grid anchor prefixes x `asif.k` x `asif.p`, in one top-k pass."""
+
+    ks: list[int]
+    ps: list[float]
+    options: AsifOptions
+    preset: str = "clean"
+    progress: bool = True
+    name: str = "asif"
+
+    def record(self) -> dict:
+        return {
+            **self.options.to_dict(),
+            "preset": self.preset,
+            "function": function_of(self.options),
+        }
+
+    def check(self, ns: list[int]) -> None:
+        check_grid(ns, self.ks, self.ps, max(ns), self.options.clamp_negative)
+
+    def score(
+        self, problem: EmbeddedProblem, ns: list[int], report: MethodReport
+    ) -> Iterator[ScoredCell]:
+        targets = problem.targets
+        groups = targets.groups
+        if groups is None:  # each text its own target
+            groups = torch.arange(len(targets.texts))
+        inputs = GridInputs(
+            problem.images,
+            problem.anchor_images,
+            targets.embeddings,
+            problem.anchor_texts,
+            groups,
+            targets.count,
+        )
+        grid: dict = {}
+        memo = topk_memo_for(problem.cache_keys)
+        for params, scores in score_grid(
+            inputs, ns, self.ks, self.ps, self.options, grid, self.progress, memo
+        ):
+            yield ScoredCell(params, scores)
+        report.notes["skipped_cells_k_gt_n"] = grid.pop("skipped")
+        underflowed = grid.pop("underflowed")
+        if underflowed:
+            report.notes["underflowed_cells"] = underflowed
+        report.timings.update(grid)
+
+
+def build(cfg) -> AsifMethod:
+    options = asif_options(cfg)
+    function = function_of(options)
+    if function != cfg.asif.preset and cfg.asif.preset != "custom":
+        log.warning(
+            "asif.preset=%s, but the options compute the %r function; results record both",
+            cfg.asif.preset,
+            function,
+        )
+    return AsifMethod(
+        ks=int_values("asif.k", cfg.asif.k),
+        ps=positive_values("asif.p", cfg.asif.p),
+        options=options,
+        preset=cfg.asif.preset,
+        progress=cfg.progress,
+    )
+
+
+def grid_values(cfg, n_available: int) -> tuple[list[int], list[int], list[float]]:
+    """asif.n, asif.k and asif.p as typed lists, checked against the anchors available."""
+    ns = anchor_prefixes(cfg.asif.n, n_available)
+    method = build(cfg)
+    method.check(ns)
+    return ns, method.ks, method.ps
+
+
+@dataclass
+class ModelScores:
+    """One scoring pass of a single (n, k, p) model, kept whole for explanations and usage."""
+
+    image_rr: Tensor  # sparse CSR (queries x n)
+    targets: Tensor  # sparse CSR (targets x n): class means ("mean") or prompts ("max")
+    target_scores: Tensor  # (queries x targets)
+    scores: Tensor  # (queries x classes)
+
+
+def model_scores(
+    image_top: TopK,
+    prompt_top: TopK,
+    k: int,
+    p: float,
+    groups: Tensor,
+    num_groups: int,
+    options: AsifOptions,
+) -> ModelScores:
+    """The scoring core applied to one model's top-k snapshots; results on the CPU."""
+    image_rr = image_representations(image_top, k, p, options)
+    prompt_t = prompt_representations_t(prompt_top, k, p, options)
+    targets_t, target_scores, scores = score_targets(
+        image_rr, prompt_t, groups.long().to(image_rr.device), num_groups, options
+    )
+    return ModelScores(
+        image_rr.cpu(), transpose_csr(targets_t).cpu(), target_scores.cpu(), scores.cpu()
+    )

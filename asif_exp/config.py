@@ -134,6 +134,64 @@ class AsifConfig:
     preset: str = "clean"  # a label recorded in results: clean, authors, authors_unclamped, custom
 
 
+# ----------------------------------------------------------------------------- methods and tasks
+# One schema per conf/method/<name>.yaml and conf/task/<name>.yaml (each names it in its
+# defaults list): a misspelt or mistyped option fails at composition. Options that take a value
+# or a list (swept in one job) are `Any` here; `options.check_config` checks their values.
+
+
+@dataclass
+class AsifMethodConfig:
+    name: str = "asif"  # its options are the `asif` group
+
+
+@dataclass
+class RidgeConfig:
+    name: str = "ridge"
+    alpha: Any = MISSING  # a positive number or a list of them
+    template_aggregation: str = "mean"
+
+
+@dataclass
+class CanonicalConfig:
+    """cca and csa."""
+
+    name: str = MISSING
+    r: Any = MISSING  # a positive integer or a list of them
+    regularization: Any = MISSING  # a number in [0, 1] or a list of them
+    template_aggregation: str = "mean"
+
+
+@dataclass
+class NoOptionsMethodConfig:
+    """procrustes and dense_rr: no hyper-parameters."""
+
+    name: str = MISSING
+    template_aggregation: str = "mean"
+
+
+@dataclass
+class ClassificationConfig:
+    name: str = "classification"
+
+
+@dataclass
+class RetrievalConfig:
+    name: str = "retrieval"
+    recall_at: Any = field(default_factory=lambda: [1, 5, 10])  # positive integers
+
+
+METHOD_SCHEMAS = {
+    "asif": AsifMethodConfig,
+    "ridge": RidgeConfig,
+    "cca": CanonicalConfig,
+    "csa": CanonicalConfig,
+    "procrustes": NoOptionsMethodConfig,
+    "dense_rr": NoOptionsMethodConfig,
+}
+TASK_SCHEMAS = {"classification": ClassificationConfig, "retrieval": RetrievalConfig}
+
+
 @dataclass
 class LoggerConfig:
     name: str = "none"  # none, wandb
@@ -256,6 +314,9 @@ def register_configs() -> None:
     store.store(group="asif", name="asif_schema", node=AsifConfig)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
     store.store(group="paths", name="paths_schema", node=PathsConfig)
+    for group, schemas in (("method", METHOD_SCHEMAS), ("task", TASK_SCHEMAS)):
+        for name, node in schemas.items():
+            store.store(group=group, name=f"{name}_schema", node=node)
 
 
 register_configs()

@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,10 +188,59 @@ class CacheEntry:
         return len(shape) == 2 and self._dtype_code(name) in _FROM_CODE
 
 
+# A staging or trash folder is named after its writer (`...-<pid>@<host>`): one whose writer
+# is gone from this host is removed; one from another host, or older names, after this long.
+STALE_SECONDS = 24 * 3600
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _writer_gone(name: str) -> bool:
+    head, _, host = name.rpartition("@")
+    pid = head.rpartition("-")[2]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 class EmbeddingCache:
     def __init__(self, root: str | Path, enabled: bool = True):
         self.root = Path(root) / "embeddings"
         self.enabled = enabled
+        self._swept = False  # leftovers of killed writers removed (once per cache object)
+        self._write_failed = False  # warned once that the cache cannot be written
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove the staging and trash folders of killed writers: on this host, those whose
+        process is gone; any older than STALE_SECONDS. A live writer's folder is kept."""
+        removed = []
+        try:
+            candidates = [
+                p for p in self.root.iterdir() if p.name.startswith((".staging-", ".trash-"))
+            ]
+        except OSError:
+            return removed
+        for path in candidates:
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+            if _writer_gone(path.name) or stale:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        if removed:
+            log.info(
+                "cache %s: removed %d folder(s) left by killed writers", self.root, len(removed)
+            )
+        return removed
 
     def path(self, identity: dict) -> Path:
         return self.root / identity_key(identity)
@@ -243,7 +294,7 @@ class EmbeddingCache:
 
     def _discard(self, entry: Path) -> None:
         """Move the entry aside (atomic: no reader sees it half-deleted), then delete it."""
-        trash = self.root / f".trash-{entry.name}-{uuid.uuid4().hex[:8]}"
+        trash = self.root / f".trash-{entry.name}-{uuid.uuid4().hex[:8]}-{_writer_tag()}"
         try:
             os.rename(entry, trash)
         except FileNotFoundError:  # another process moved it already
@@ -253,7 +304,13 @@ class EmbeddingCache:
     def entry(self, identity: dict) -> CacheEntry | None:
         """The verified entry, or None if absent or not trustworthy (then deleted)."""
         entry = self.path(identity)
-        if not self.enabled or not entry.exists():
+        if not self.enabled:
+            return None
+        try:
+            if not entry.exists():
+                return None
+        except OSError as error:  # an unreadable cache folder: computed again
+            log.warning("cache entry %s cannot be read (%s); recomputing", entry, error)
             return None
         try:
             return self._open(entry, identity)
@@ -327,7 +384,10 @@ class EmbeddingCache:
 
     def _write(self, identity: dict, write: Callable[[Path], list[Chunk]], extra: dict) -> None:
         entry = self.path(identity)
-        staging = self.root / f".staging-{entry.name}-{uuid.uuid4().hex[:8]}"
+        if not self._swept:
+            self._swept = True
+            self.remove_leftovers()
+        staging = self.root / f".staging-{entry.name}-{uuid.uuid4().hex[:8]}-{_writer_tag()}"
         staging.mkdir(parents=True)
         try:
             chunks = write(staging)
@@ -384,7 +444,18 @@ class EmbeddingCache:
         if cached is not None:
             return cached[0], cached[1], True
         tensors, extra = compute()
-        self.save(identity, tensors, extra, dtype)
+        try:
+            self.save(identity, tensors, extra, dtype)
+        except OSError as error:  # not a folder, read-only, full: the run goes on uncached
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning(
+                    "cache %s cannot be written (%s: %s); going on with the embeddings just "
+                    "computed, which will be computed again next time",
+                    self.root,
+                    error.filename or self.root,
+                    error.strerror or error,
+                )
         if dtype != torch.float32:  # what a later run reads back: the stored values
             tensors = {
                 k: v.to(dtype).float() if v.is_floating_point() else v for k, v in tensors.items()

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asif_exp import config as _config  # noqa: F401  (registers the schemas)
 from asif_exp.cli import run_cli, user_errors_in_one_line
-from asif_exp.data import AnchorSet, Subset, load_anchors, sha_of
+from asif_exp.data import AnchorSet, Subset, file_hashes, load_anchors, sha_of
 from asif_exp.embeddings import Chunk, EmbeddingCache, encode_images, storage_dtype
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity
 from asif_exp.errors import ConfigError
@@ -65,6 +65,7 @@ def cache_dtype(cfg) -> str:
 
 
 def anchor_image_identity(cfg, anchors: AnchorSet) -> dict:
+    file_hashes.remember_in(cfg.paths.cache_dir)
     return image_cache_identity(cfg.encoder.vision, anchors.images, cache_dtype(cfg))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -23,6 +24,7 @@ from asif_exp.data import (
     Benchmark,
     CaptionedBenchmark,
     Subset,
+    file_hashes,
     load_anchors,
     load_benchmark,
     readable_in_prefixes,
@@ -85,6 +87,7 @@ class Embedder:
         self.cache = EmbeddingCache(cfg.paths.cache_dir, enabled=cfg.cache)
         self.dtype_name = cfg.get("cache_dtype", "float32")
         self.dtype = storage_dtype(self.dtype_name)
+        file_hashes.remember_in(cfg.paths.cache_dir)  # image files' content hashes, per status
         self.cached: dict[str, bool] = {}
         self.keys: list[str] = []  # identity keys of everything embedded, in order
 
@@ -328,6 +331,7 @@ def run_job(cfg: DictConfig) -> RunResults | None:
     check_config(cfg)  # before anything is read, encoded or tracked
     distributed.setup(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
+    check_writable_folder(output_dir, "paths.output_dir")
     results_path = output_dir / RESULTS_FILE
     resolved = OmegaConf.to_container(cfg, resolve=True)
     finished = None
@@ -357,6 +361,24 @@ def job_name(cfg: DictConfig, method: Method) -> str:
 
     grid = "".join(f"-{key}{values(v)}" for key, v in method.hyperparameters().items())
     return f"{cfg.anchors.name}-{cfg.benchmark.name}-{method.name}-n{cfg.asif.n}{grid}"
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """Create `folder` if needed and check that a file can be written there, before any work:
+    a file where the folder should be, or a folder that cannot be created or written, is one
+    line naming it, not a crash once everything is computed."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way: expected a folder"
+        raise ConfigError(
+            f"{key}={folder}: cannot write there: {error.filename or folder}: {reason}"
+        ) from None
 
 
 # Config keys that change no number: a results.json written under other values still counts
@@ -514,7 +536,8 @@ def score_and_measure(
 
     A cell whose scores are not all finite is never measured (NaN compares false, so a
     rank-based metric would count it as a hit): it is skipped, warned about and listed with the
-    method's skipped cells; a grid with no finite cell is an error.
+    method's skipped cells; a grid where no cell can be evaluated (all skipped as the method
+    cannot fit them, or non-finite) is an error saying why.
     """
     cells = []
     for cell in method.score(problem, ns, report):
@@ -524,7 +547,11 @@ def score_and_measure(
             log.warning("%s cell %s: non-finite scores; cell skipped", method.name, cell.params)
             report.skipped.append({**cell.params, "reason": NONFINITE_SCORES})
     if not cells:
-        raise ValueError(f"method={method.name}: every cell of the grid gave non-finite scores")
+        reasons = list(dict.fromkeys(cell["reason"] for cell in report.skipped))
+        raise ConfigError(
+            f"method={method.name}: no cell of the grid can be evaluated: "
+            f"{len(report.skipped)} skipped ({'; '.join(reasons[:3])})"
+        )
     return cells
 
 

@@ -21,13 +21,18 @@ RESULTS_FILE = "results.json"
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """`write(staging)` then rename: readers see the old file or the whole new one."""
+    """`write(staging)` then rename: readers see the old file or the whole new one. A
+    file-system error (a full disk has no file name of its own) names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(staging)
         os.replace(staging, path)
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         staging.unlink(missing_ok=True)
 

@@ -28,14 +28,17 @@ def dense_asif(
         keep = torch.zeros_like(sims, dtype=torch.bool).scatter_(1, order, True)
         values = sims.clamp_min(0) if clamp else sims
         dense = torch.where(keep, values**p, torch.zeros_like(values))
-        return torch.nn.functional.normalize(dense, dim=1) if norm else dense
+        return unit(dense) if norm else dense
+
+    def unit(x):  # (normalize's eps of 1e-12 would leave a large p's tiny rows unnormalised)
+        return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
     image_rr = representation(images, anchor_images, normalize == "both")
     prompt_rr = representation(prompts, anchor_texts, normalize in ("both", "prompt"))
     if aggregation == "mean":
         classes = torch.stack([prompt_rr[prompt_class == c].mean(0) for c in range(num_classes)])
         if normalize in ("both", "prompt"):
-            classes = torch.nn.functional.normalize(classes, dim=1)
+            classes = unit(classes)
         return image_rr @ classes.T
     prompt_scores = image_rr @ prompt_rr.T
     return torch.stack(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config
+from hydra.errors import ConfigCompositionException
 from reference import dense_asif
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
@@ -20,6 +21,7 @@ from asif_exp.methods.dense_rr import relative_space
 from asif_exp.methods.procrustes import procrustes_map
 from asif_exp.methods.ridge import ridge_maps
 from asif_exp.methods.shared_space import prefix_moments, shared_space_scores
+from asif_exp.options import ConfigError, check_config
 from asif_exp.pipeline import run
 from asif_exp.problem import EmbeddedProblem, Targets
 
@@ -277,12 +279,17 @@ def test_each_cell_is_fitted_on_exactly_the_first_n_pairs(name):
         (["method=cca", "method.r=[0]"], "method.r"),
         (["method=csa", "method.regularization=1.5"], "method.regularization"),
         (["method=dense_rr", "method.template_aggregation=median"], "template_aggregation"),
-        (["method=cca", "~method.r"], r"method.r: missing \(see conf/method/cca.yaml\)"),
+        (["method=cca", "~method.r"], r"~method.r"),
+        (["method=ridge", "method.alpah=1"], r"method.alpah"),
+        (["method=cca", "method.r=0"], r"method.r=0: must be at least 1"),
+        (["method=cca", "method.regularization=2"], r"method.regularization=2"),
     ],
 )
 def test_option_mistakes_are_one_line_errors_naming_the_key(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        load_method(compose_config(overrides))
+    """Each method's options have a schema (a typo fails at composition, or in check_config for
+    a `+key` Hydra lets through) and their values are checked before any work."""
+    with pytest.raises((ConfigError, ConfigCompositionException), match=message):
+        check_config(compose_config(overrides))
 
 
 # ----------------------------------------------------------------------------- end to end

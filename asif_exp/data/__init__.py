@@ -21,8 +21,10 @@ from asif_exp.data.common import (
     authors_split_indices,
     balanced_subset,
     captioned_benchmark,
+    is_blank,
     readable_in_prefixes,
     sha_of,
+    to_rgb,
 )
 from asif_exp.data.hf_torchvision import HFImages
 from asif_exp.data.registry import (
@@ -53,10 +55,12 @@ __all__ = [
     "authors_split_indices",
     "balanced_subset",
     "captioned_benchmark",
+    "is_blank",
     "load_anchors",
     "load_benchmark",
     "readable_in_prefixes",
     "scan_tar",
     "shard_files",
     "sha_of",
+    "to_rgb",
 ]

@@ -9,15 +9,20 @@ Every image source exposes `ids` (stable, unique, in order), `load(i) -> PIL.Ima
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import os
 import random
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from asif_exp.config import REPEATED_PAIRS_POLICIES
+from asif_exp.data.file_hashes import content_hashes
 from asif_exp.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -38,25 +43,76 @@ class MissingImage(RuntimeError):
 # ----------------------------------------------------------------------------- image sources
 
 
+# Pixel modes whose values are 16-bit (PIL reads a 16-bit greyscale PNG as "I;16"; "I" is
+# 32-bit storage, as older Pillows read those files): scaled to 8 bits, not clipped (PIL's own
+# conversion clips them, turning a 16-bit image white).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes refused by name: their pixel values have no standard range.
+REFUSED_MODES = {"F": "32-bit floating-point pixels have no standard range"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB: every PIL mode converted with its own range, or refused
+    (a ValueError naming the mode, reported as an unreadable image)."""
+    if image.mode in REFUSED_MODES:
+        raise ValueError(
+            f"image mode {image.mode!r}: {REFUSED_MODES[image.mode]}; save it as 8 or 16 bits"
+        )
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(
+                f"image mode {image.mode!r} with values outside 0..65535: bit depth unknown"
+            )
+        # round(v * 255 / 65535), in integers
+        image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ValueError(
+            f"image mode {image.mode!r} cannot be converted to RGB ({error})"
+        ) from None
+
+
+# Characters that draw nothing but are neither whitespace nor format characters (Hangul fillers,
+# the blank braille pattern): a caption made only of these is empty.
+BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn", "Zs", "Zl", "Zp"})
+
+
+def is_blank(text: str) -> bool:
+    """True for a text that shows nothing: empty, whitespace, zero-width or control characters
+    (U+200B, U+200D, U+FEFF, ...) and blank letters only."""
+    return all(
+        c.isspace() or c in BLANK_LETTERS or unicodedata.category(c) in INVISIBLE_CATEGORIES
+        for c in text
+    )
+
+
 class ImageFiles:
     """Images on disk; ids are paths relative to `root`."""
 
     def __init__(self, root: Path, relative_paths: list[str]):
         self.root = root
         self.ids = list(relative_paths)
-        sizes = []
+        folder = str(root)
         for rel in self.ids:
-            path = root / rel
-            if not path.is_file():
-                raise DataError(f"image file not found: {path}")
-            sizes.append(path.stat().st_size)
-        # Content, not location: the same files under another folder (or machine) share the
-        # cache. Names and sizes of every file, and the bytes of a spread-out sample of them.
-        self.fingerprint = {
+            if not os.path.isfile(os.path.join(folder, rel)):
+                raise DataError(f"image file not found: {root / rel}")
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """Content, not location: the same files under another folder (or machine) share the
+        cache. The names of the files and the sha256 of every file's bytes (remembered per file
+        status in the hash index: only new or changed files are read, see `file_hashes`)."""
+        distinct = list(dict.fromkeys(self.ids))
+        root = os.path.abspath(self.root)
+        paths = [os.path.normpath(os.path.join(root, rel)) for rel in distinct]
+        hashes = dict(zip(distinct, content_hashes(paths), strict=True))
+        return {
             "source": "files",
             "ids_sha": sha_of(self.ids),
-            "sizes_sha": sha_of(sizes),
-            "sample_sha": _sample_sha(root, self.ids),
+            "content_sha": sha_of(hashes[rel] for rel in self.ids),
         }
 
     def __len__(self) -> int:
@@ -64,17 +120,7 @@ class ImageFiles:
 
     def load(self, index: int) -> Image.Image:
         with Image.open(self.root / self.ids[index]) as image:
-            return image.convert("RGB")
-
-
-def _sample_sha(root: Path, ids: list[str], samples: int = 32) -> str:
-    """sha256 of the bytes of up to `samples` distinct files spread evenly over `ids`."""
-    distinct = list(dict.fromkeys(ids))
-    step = max(1, len(distinct) // samples)
-    digest = hashlib.sha256()
-    for rel in distinct[::step][:samples]:
-        digest.update(rel.encode() + b"\0" + (root / rel).read_bytes())
-    return digest.hexdigest()
+            return to_rgb(image)
 
 
 class Subset:
@@ -85,7 +131,10 @@ class Subset:
             indices, source = [source.indices[i] for i in indices], source.source
         self.source, self.indices = source, list(indices)
         self.ids = [source.ids[i] for i in self.indices]
-        self.fingerprint = {**source.fingerprint, "subset_sha": sha_of(self.indices)}
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        return {**self.source.fingerprint, "subset_sha": sha_of(self.indices)}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -112,7 +161,7 @@ class AnchorSet:
         if len(self.captions) == 0:
             raise DataError(f"anchors {self.name}: no image-caption pairs")
         for i, caption in enumerate(self.captions):
-            if not isinstance(caption, str) or not caption.strip():
+            if not isinstance(caption, str) or is_blank(caption):
                 raise DataError(
                     f"anchors {self.name}: caption of pair {i} ({self.images.ids[i]}) is empty"
                 )

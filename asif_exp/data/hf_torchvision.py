@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from asif_exp.data.common import AnchorSet, sha_of
+from asif_exp.data.common import AnchorSet, sha_of, to_rgb
 from asif_exp.data.registry import anchor_loader, benchmark_loader
 from asif_exp.errors import DataError
 
@@ -34,8 +34,8 @@ class HFImages:
         image = self.dataset[index][self.column]
         if isinstance(image, (str, Path)):
             with Image.open(image) as opened:
-                return opened.convert("RGB")
-        return image.convert("RGB")
+                return to_rgb(opened)
+        return to_rgb(image)
 
 
 def load_hf_dataset(path: str | None, config: str | None, split: str, data_root: str, what: str):
@@ -93,7 +93,7 @@ class _TorchvisionImages:
         return len(self.dataset)
 
     def load(self, index: int) -> Image.Image:
-        return self.dataset[index][0].convert("RGB")
+        return to_rgb(self.dataset[index][0])
 
 
 @benchmark_loader("torchvision")

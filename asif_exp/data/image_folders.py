@@ -21,6 +21,8 @@ def _visible(path: Path) -> bool:
 
 
 def _class_folders(root: Path, what: str) -> list[str]:
+    if not root.is_dir():
+        raise DataError(f"{what}: {root} is a file; expected a folder of class folders")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
     if not folders:
         raise DataError(f"{what}: no class sub-folders in {root}")

@@ -12,6 +12,7 @@ from asif_exp.data.common import (
     CaptionedBenchmark,
     ImageFiles,
     captioned_benchmark,
+    is_blank,
     resolve_path,
 )
 from asif_exp.data.registry import anchor_loader, captioned_benchmark_loader
@@ -73,12 +74,30 @@ def _csv_records(path: Path, handle) -> list[tuple[int, dict]]:
             records.append((first_line, dict(zip(header, row, strict=True))))
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def _pairs_reader(path: Path, handle):
+    """JSON Lines or CSV, decided by the content (a first record starting with `{` is JSON),
+    whatever the file's name says; a JSON array is refused, not misread as CSV."""
+    start = handle.read(4096).lstrip()
+    handle.seek(0)
+    if start.startswith("["):
+        raise DataError(
+            f"{path}: a JSON array; pairs files are JSON Lines (one object a line) or CSV"
+        )
+    if start.startswith("{") or path.suffix.lower() in JSON_LINES_SUFFIXES:
+        return _jsonl_records
+    return _csv_records
+
+
 def _read_pairs_file(path: Path, cfg) -> list[tuple[int, dict]]:
     """(line number, record) of every pair; a UTF-8 byte-order mark is allowed."""
-    read = _jsonl_records if path.suffix == ".jsonl" else _csv_records
+    if path.is_dir():
+        raise DataError(f"{path}: a folder; expected a pairs file (.jsonl or .csv)")
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            records = read(path, handle)
+            records = _pairs_reader(path, handle)(path, handle)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not valid UTF-8 ({error})") from None
     for i, (line, row) in enumerate(records):
@@ -86,7 +105,7 @@ def _read_pairs_file(path: Path, cfg) -> list[tuple[int, dict]]:
             if column not in row:
                 raise DataError(f"{path}, line {line}: no {column!r} field; fields: {list(row)}")
         caption = row[cfg.caption_column]
-        if not isinstance(caption, str) or not caption.strip():
+        if not isinstance(caption, str) or is_blank(caption):
             raise DataError(
                 f"{path}, line {line}: caption of pair {i} ({row[cfg.image_column]}) is empty "
                 f"or not text: {caption!r}"
@@ -129,6 +148,8 @@ def pairs_file_anchors(cfg, data_root: str, group: str = "anchors") -> AnchorSet
         if cfg.image_root
         else path.parent
     )
+    if not image_root.is_dir():
+        raise DataError(f"{group}.image_root={image_root}: a file; expected the images' folder")
     for line, row in rows:
         if not (image_root / str(row[cfg.image_column])).is_file():
             image = image_root / str(row[cfg.image_column])

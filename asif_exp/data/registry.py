@@ -22,8 +22,13 @@ from asif_exp.data.common import (
     apply_repeated_pairs_policy,
     balanced_subset,
 )
-from asif_exp.data.prompts import load_class_names, load_templates
-from asif_exp.errors import DataError
+from asif_exp.data.prompts import (
+    available_class_names,
+    available_templates,
+    load_class_names,
+    load_templates,
+)
+from asif_exp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 ANCHOR_LOADERS: dict[str, Callable] = {}
@@ -79,8 +84,21 @@ def load_anchors(cfg, data_root: str) -> AnchorSet:
     return anchors
 
 
+def check_prompt_lists(benchmark_cfg) -> None:
+    """Built-in templates and class names are named right, before anything is read."""
+    available = {"templates": available_templates, "class_names": available_class_names}
+    for key, names in available.items():
+        value = benchmark_cfg.get(key)
+        if isinstance(value, str) and value not in names():
+            raise ConfigError(
+                f"benchmark.{key}={value!r}: no built-in list of that name; known: "
+                f"{', '.join(names())}"
+            )
+
+
 def load_benchmark(cfg, data_root: str) -> Benchmark | CaptionedBenchmark:
     """Labelled images (classification), or images with captions (retrieval: jsonl, csv)."""
+    check_prompt_lists(cfg)
     if cfg.loader in CAPTIONED_BENCHMARK_LOADERS:
         return CAPTIONED_BENCHMARK_LOADERS[cfg.loader](cfg, data_root)
     if cfg.loader not in BENCHMARK_LOADERS:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from asif_exp.data.common import AnchorSet, MissingImage, sha_of
+from asif_exp.data.common import AnchorSet, MissingImage, sha_of, to_rgb
 from asif_exp.data.hf_torchvision import HFImages
 from asif_exp.data.registry import anchor_loader
 from asif_exp.errors import DataError
@@ -150,7 +150,7 @@ class ShardImages:
         if not data:  # listed as downloaded: damaged, not missing
             raise ValueError(f"{self.ids[index]}: empty image")
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
 
 
 def _image_extensions(cfg) -> list[str]:
@@ -321,11 +321,11 @@ class _HFFileImages(HFImages):
             raise MissingImage(f"pair {index}: no image in column {self.column!r}")
         if isinstance(value, bytes):
             with Image.open(io.BytesIO(value)) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         if isinstance(value, (str, Path)):
             with Image.open(value) as image:
-                return image.convert("RGB")
-        return value.convert("RGB")
+                return to_rgb(image)
+        return to_rgb(value)
 
 
 @anchor_loader("hf_files")

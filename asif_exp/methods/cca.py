@@ -25,12 +25,10 @@ from asif_exp.methods.shared_space import (
     Moments,
     SharedSpace,
     SharedSpaceMethod,
-    fraction_values,
     method_options,
 )
-from asif_exp.options import int_values
+from asif_exp.options import fraction_values, int_values
 
-OPTIONS = ("r", "regularization", "template_aggregation")
 # Below this fraction of the mean eigenvalue a covariance counts as singular.
 SINGULAR = 1e-10
 
@@ -87,10 +85,8 @@ def canonical_fits(
 
 
 def cca_options(cfg) -> tuple[dict, list[int], list[float]]:
-    options = method_options(cfg, OPTIONS)
+    options = method_options(cfg)
     rs = int_values("method.r", options["r"])
-    if not rs or min(rs) < 1:
-        raise ValueError(f"method.r={options['r']}: expected positive integers")
     regularizations = fraction_values("method.regularization", options["regularization"])
     return options, rs, regularizations
 

@@ -16,7 +16,6 @@ import torch
 
 from asif_exp.methods.shared_space import Moments, SharedSpace, SharedSpaceMethod, method_options
 
-OPTIONS = ("template_aggregation",)
 # Eigenvalues of the Gram matrix below this fraction of the largest are rounding: dropped.
 RANK_TOLERANCE = 1e-12
 
@@ -35,7 +34,7 @@ def relative_space(moments: Moments) -> SharedSpace:
 
 
 def build(cfg) -> SharedSpaceMethod:
-    options = method_options(cfg, OPTIONS)
+    options = method_options(cfg)
 
     def fit(moments: Moments):
         yield {}, relative_space(moments)

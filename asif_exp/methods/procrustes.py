@@ -20,8 +20,6 @@ from asif_exp.methods.shared_space import (
     text_identity,
 )
 
-OPTIONS = ("template_aggregation",)
-
 
 def procrustes_map(moments: Moments) -> torch.Tensor:
     """R (dx x dy), semi-orthogonal: the Procrustes solution on the centred anchors."""
@@ -31,7 +29,7 @@ def procrustes_map(moments: Moments) -> torch.Tensor:
 
 
 def build(cfg) -> SharedSpaceMethod:
-    options = method_options(cfg, OPTIONS)
+    options = method_options(cfg)
 
     def fit(moments: Moments):
         text_shift, text_matrix = text_identity(moments)

@@ -21,8 +21,6 @@ from asif_exp.methods.shared_space import (
 )
 from asif_exp.options import positive_values
 
-OPTIONS = ("alpha", "template_aggregation")
-
 
 def ridge_maps(moments: Moments, alphas: list[float]) -> Iterator[tuple[float, torch.Tensor]]:
     """(alpha, W (dx x dy)) for every alpha: the ridge solution on the centred anchors."""
@@ -35,7 +33,7 @@ def ridge_maps(moments: Moments, alphas: list[float]) -> Iterator[tuple[float, t
 
 
 def build(cfg) -> SharedSpaceMethod:
-    options = method_options(cfg, OPTIONS)
+    options = method_options(cfg)
     alphas = positive_values("method.alpha", options["alpha"])
 
     def fit(moments: Moments):

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from asif_exp.config import AGGREGATION_CHOICES
 from asif_exp.methods.base import MethodReport, ScoredCell, max_over_groups
 from asif_exp.options import as_list, check_prefixes
 from asif_exp.problem import EmbeddedProblem, Targets
@@ -235,39 +234,7 @@ class SharedSpaceMethod:
 # ----------------------------------------------------------------------------- config
 
 
-def method_options(cfg, known: tuple[str, ...]) -> dict[str, Any]:
-    """`cfg.method` less its name, checked against the method's options (`known`; their values
-    live in conf/method/<name>.yaml): a misspelt or missing key is an error naming it."""
-    options = {key: value for key, value in cfg.method.items() if key != "name"}
-    name = cfg.method.name
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"method.{unknown[0]}: not an option of method={name} "
-            f"(its options: {', '.join(sorted(known))})"
-        )
-    missing = sorted(set(known) - set(options))
-    if missing:
-        raise ValueError(f"method.{missing[0]}: missing (see conf/method/{name}.yaml)")
-    if options["template_aggregation"] not in AGGREGATION_CHOICES:
-        raise ValueError(
-            f"method.template_aggregation={options['template_aggregation']!r}: "
-            f"expected one of {AGGREGATION_CHOICES}"
-        )
-    return options
-
-
-def fraction_values(key: str, raw: Any) -> list[float]:
-    """`raw` (a value or a list) as floats in [0, 1]."""
-    values = []
-    for value in as_list(raw):
-        try:
-            number = float(value) if not isinstance(value, bool) else float("nan")
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not 0 <= number <= 1:
-            raise ValueError(f"{key}={raw!r}: expected a number in [0, 1] or a list of them")
-        values.append(number)
-    if not values:
-        raise ValueError(f"{key}=[]: empty grid")
-    return values
+def method_options(cfg) -> dict[str, Any]:
+    """`cfg.method` less its name: the method's options, as its schema (asif_exp/config.py)
+    types them and `options.check_config` checked their values."""
+    return {key: value for key, value in cfg.method.items() if key != "name"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
@@ -14,6 +15,7 @@ from asif_exp.methods.asif.layouts import (
     class_averaging_t,
     row_layout,
     transposed_layout,
+    underflowed_rows,
     use_dense,
 )
 from asif_exp.methods.asif.options import AsifOptions, check_grid
@@ -21,6 +23,8 @@ from asif_exp.methods.asif.scoring import cell_scores
 from asif_exp.methods.asif.topk import memoized_topk
 from asif_exp.problem import EmbeddedProblem
 from asif_exp.tensors import check_embeddings
+
+log = logging.getLogger(__name__)
 
 
 def target_groups(problem: EmbeddedProblem) -> Tensor:
@@ -81,6 +85,7 @@ def score_grid(
     averaging_t = class_averaging_t(prompt_class, num_classes) if mean else None
 
     report["skipped"] = [[n, k] for n in ns for k in ks if k > n]
+    report["underflowed"] = []  # cells whose representations underflowed on a side not normalised
     k_max = max(k for k in ks if k <= ns[-1])
     start = time.perf_counter()
     image_top = memoized_topk(
@@ -104,6 +109,10 @@ def score_grid(
         disable=not progress or len(valid) * len(ps) == 1,
     )
     prompt_by_anchor, image_by_id = {}, {}
+    # A side that is not normalised keeps its scale (it matters for text->image retrieval with
+    # normalize=prompt): not rescaled, but its underflowed rows are flagged.
+    unnormalised = [("image", image_top)] if options.normalize != "both" else []
+    unnormalised += [("prompt", prompt_top)] if options.normalize == "none" else []
     for n, k in valid:
         start = time.perf_counter()
         # The sparsity patterns depend on (n, k) only: built once, reused for every p; the
@@ -121,6 +130,17 @@ def score_grid(
         )
         for p, scores in cell:
             scoring_s += time.perf_counter() - start
+            for side, top in unnormalised:
+                rows = underflowed_rows(top[n], k, p, options.clamp_negative)
+                if rows:
+                    log.warning(
+                        "cell n=%d k=%d p=%g: %d %s representation(s) of %d underflowed (not "
+                        "normalised, so not rescaled; listed in the notes)",
+                        *(n, k, p, rows, side, top[n].values.shape[0]),
+                    )
+                    report["underflowed"].append(
+                        {"n_used": n, "k": k, "p": p, "side": side, "rows": rows}
+                    )
             yield {"n": n, "k": k, "p": p}, scores
             start = time.perf_counter()
             bar.update()

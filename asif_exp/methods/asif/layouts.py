@@ -11,16 +11,52 @@ from torch import Tensor
 
 from asif_exp.methods.asif.topk import TopK
 
+# A row's largest power below this is computed relative to the row's largest value before it is
+# normalised: the squares in its norm then stay normal floats, exact to float32 precision
+# (sqrt(smallest normal x 2^24), about 4e-16).
+SAFE_POWER = (torch.finfo(torch.float32).tiny * 2.0**24) ** 0.5
+
 
 def _process(values: Tensor, p: float, clamp_negative: bool, normalize: bool) -> Tensor:
     """(rows, k) top-k similarities -> values of the relative representation (row order kept)."""
     if clamp_negative:
         values = values.clamp_min(0.0)
     # An integer power is repeated multiplication (faster than the generic float pow).
-    values = values.pow(int(p) if float(p).is_integer() else p)
+    exponent = int(p) if float(p).is_integer() else p
+    powered = values.pow(exponent)
     if normalize:
-        values = values / values.norm(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
-    return values
+        powered = _without_underflow(values, powered, exponent)
+        norms = powered.norm(dim=1, keepdim=True)
+        powered = powered / norms.clamp_min(torch.finfo(values.dtype).tiny)
+    return powered
+
+
+def _largest(values: Tensor) -> Tensor:
+    return values.abs().amax(dim=1, keepdim=True)
+
+
+def _without_underflow(values: Tensor, powered: Tensor, exponent: float) -> Tensor:
+    """Rows about to be normalised whose largest power is so small that their squares lose
+    precision or vanish (a large p: 0.3 ** 100 is 0 in float32), powered relative to the row's
+    largest value instead: that changes no ranking and no normalised representation. Other rows
+    are left as they are, bit for bit."""
+    largest = _largest(values)
+    lost = (largest > 0) & (largest.pow(exponent) < SAFE_POWER)
+    if not bool(lost.any()):
+        return powered
+    relative = (values / largest.clamp_min(torch.finfo(values.dtype).tiny)).pow(exponent)
+    return torch.where(lost, relative, powered)
+
+
+def underflowed_rows(top: TopK, k: int, p: float, clamp_negative: bool) -> int:
+    """Rows of a side that is not normalised whose largest top-k value raised to p falls below
+    the smallest normal float: their representation lost precision or vanished (all zero)
+    although they had similarities. (A normalised side is computed without underflow.)"""
+    values = top.values[:, :k]
+    largest = _largest(values.clamp_min(0.0) if clamp_negative else values)
+    exponent = int(p) if float(p).is_integer() else p
+    tiny = torch.finfo(values.dtype).tiny
+    return int(((largest > 0) & (largest.pow(exponent) < tiny)).sum())
 
 
 def _check_k(top: TopK, k: int) -> None:

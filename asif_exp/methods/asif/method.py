@@ -75,6 +75,9 @@ class AsifMethod:
         ):
             yield ScoredCell(params, scores)
         report.skipped += [{"n": n, "k": k, "reason": K_EXCEEDS_N} for n, k in grid.pop("skipped")]
+        underflowed = grid.pop("underflowed")
+        if underflowed:
+            report.notes["underflowed_cells"] = underflowed
         report.timings.update(grid)
 
 

@@ -2,7 +2,8 @@
 
     python experiments/bench/gpu_summary.py OUT_DIR
 reads OUT_DIR/{steps.tsv, bench_bf16.json, bench_float32.json, calibration.json,
-encoding.json} (any missing file is reported as missing) and writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md.
+encoding.json} (any missing file is reported as missing) and writes OUT_DIR/gpu_check.json
+and OUT_DIR/gpu_check.md.
 """
 
 from __future__ import annotations

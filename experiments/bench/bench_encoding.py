@@ -5,6 +5,8 @@ images and Flickr8k test images from `../shared/data` (`ASIF_DATA_ROOT`), and fo
 encoder (default all-MiniLM-L6-v2) on Flickr8k test captions, it times in one run, interleaved
 and repeated (the CPU machines are shared, so load varies):
 
+- **preprocessing alone**: reading, decoding and preprocessing the images in the main process
+  (one core's rate: what a DataLoader worker delivers);
 - **model alone**: the encoder as `python -m asif_exp` builds it, on tensors preprocessed in
   advance (batches of the config's batch size; on GPU the host-to-device copy is included);
 - **pipeline**: `asif_exp.embeddings.encode_images` with that encoder, as `python -m asif_exp`
@@ -202,6 +204,9 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
         if device.type == "cuda":
             batches = [b.pin_memory() for b in batches]
         variants = {
+            "preprocessing alone": lambda source=source: [
+                encoder.transform(source.load(i)) for i in range(len(source))
+            ],
             "model alone": lambda batches=batches: torch.cat(
                 [encoder.encode_pixels(b) for b in batches]
             ),
@@ -242,6 +247,7 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
                 (outputs["pipeline"] - outputs["today's path"]).abs().max()
             ),
         }
+        print_set(set_name, report["sets"][set_name])  # as it comes: a long run may be cut
     return report
 
 
@@ -296,27 +302,29 @@ def print_images(report: dict) -> None:
         f"pipeline with {report['num_workers']} DataLoader workers"
     )
     for set_name, result in report["sets"].items():
-        print(f"  {set_name}, {result['images']} images: images/s, median (min-max)")
-        for name, v in result["variants"].items():
-            print(f"    {name:<24} {rate(v)}  {1000 / v['per_s_median']:7.1f} s per 1,000 images")
-        s, p, m = (
-            result["speedup_over_today"],
-            result["pipeline_over_model"],
-            result["model_speedup"],
-        )
-        print(
-            f"    encoding speed-up over today's path: {s['median']:.2f}x "
-            f"(rounds {s['min']:.2f}-{s['max']:.2f})"
-        )
-        print(
-            f"    pipeline / model alone: {p['median']:.2f}x (rounds {p['min']:.2f}-{p['max']:.2f})"
-        )
-        print(f"    model alone / today's model alone: {m['median']:.2f}x")
-        print(
-            f"    embeddings against today's path: lowest cosine "
-            f"{result['min_cosine_to_today']:.7f}, largest |difference| "
-            f"{result['max_abs_difference_to_today']:.2e}"
-        )
+        print_set(set_name, result)
+
+
+def print_set(set_name: str, result: dict) -> None:
+    print(f"  {set_name}, {result['images']} images: images/s, median (min-max)")
+    for name, v in result["variants"].items():
+        print(f"    {name:<24} {rate(v)}  {1000 / v['per_s_median']:7.1f} s per 1,000 images")
+    s, p, m = (
+        result["speedup_over_today"],
+        result["pipeline_over_model"],
+        result["model_speedup"],
+    )
+    print(
+        f"    encoding speed-up over today's path: {s['median']:.2f}x "
+        f"(rounds {s['min']:.2f}-{s['max']:.2f})"
+    )
+    print(f"    pipeline / model alone: {p['median']:.2f}x (rounds {p['min']:.2f}-{p['max']:.2f})")
+    print(f"    model alone / today's model alone: {m['median']:.2f}x")
+    print(
+        f"    embeddings against today's path: lowest cosine "
+        f"{result['min_cosine_to_today']:.7f}, largest |difference| "
+        f"{result['max_abs_difference_to_today']:.2e}"
+    )
 
 
 def print_text(report: dict) -> None:

@@ -41,7 +41,7 @@ class VisionEncoderConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     batch_size: int = 32
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; null: embeddings.auto_num_workers
     precision: str = "float32"  # autocast dtype on GPU: float32, float16, bfloat16
 
 

@@ -501,19 +501,37 @@ class _Pixels(Dataset):
 
 
 def _collate(batch):
-    return batch
+    """(indices of the readable images, their pixels stacked or None, [(index, error)]): the
+    stacking is done where the images were read (a worker), not between two forward passes."""
+    good = [(index, pixels) for index, pixels, error in batch if error is None]
+    failed = [(index, error) for index, _, error in batch if error is not None]
+    stacked = torch.stack([pixels for _, pixels in good]) if good else None
+    return [index for index, _ in good], stacked, failed
+
+
+def auto_num_workers(device: torch.device) -> int:
+    """DataLoader workers for `encoder.vision.num_workers: null`. On CPU the model and the
+    workers share the cores and preprocessing is a few % of the model's time (EfficientNet-Lite0,
+    experiments/bench/README.md): one worker per 8 cores, none on fewer. On GPU the CPU only
+    decodes and resizes: every core but one, at most 16."""
+    cores = len(os.sched_getaffinity(0))
+    if device.type == "cuda":
+        return max(1, min(cores - 1, 16))
+    return cores // 8
 
 
 def encode_images(
     encoder,
     source,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
     on_bad_image: str,
     description: str,
     progress: bool = True,
 ) -> tuple[torch.Tensor, list[int], list[dict]]:
-    """Features of every readable image of `source`, each distinct id encoded once.
+    """Features of every readable image of `source`, each distinct id encoded once; images are
+    read and preprocessed by `num_workers` DataLoader workers (None: `auto_num_workers`), in
+    pinned memory when the encoder is on a GPU.
 
     Returns (embeddings of the kept images, kept indices, failures [{id, error}]).
     """
@@ -522,28 +540,28 @@ def encode_images(
     for index, image_id in enumerate(source.ids):
         first_of_id.setdefault(image_id, index)
     unique = sorted(first_of_id.values())
+    device = getattr(encoder, "device", torch.device("cpu"))
     loader = DataLoader(
         _Pixels(source, unique, encoder.transform),
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=auto_num_workers(device) if num_workers is None else num_workers,
         collate_fn=_collate,
+        pin_memory=device.type == "cuda",
     )
     features: dict[int, torch.Tensor] = {}
     failures: list[dict] = []
     with tqdm(
         total=len(unique), desc=f"encoding {description}", unit="img", disable=not progress
     ) as bar:
-        for batch in loader:
-            good = [(i, pixels) for i, pixels, error in batch if error is None]
-            for i, _, error in batch:
-                if error is not None:
-                    failure = {"id": source.ids[i], "error": error}
-                    refuse_bad_images([failure], on_bad_image, description)
-                    failures.append(failure)
-            if good:
-                encoded = encoder.encode_pixels(torch.stack([p for _, p in good]))
-                features.update({i: f for (i, _), f in zip(good, encoded, strict=True)})
-            bar.update(len(batch))
+        for indices, pixels, failed in loader:
+            for index, error in failed:
+                failure = {"id": source.ids[index], "error": error}
+                refuse_bad_images([failure], on_bad_image, description)
+                failures.append(failure)
+            if indices:
+                encoded = encoder.encode_pixels(pixels)
+                features.update(zip(indices, encoded, strict=True))
+            bar.update(len(indices) + len(failed))
     kept = [i for i, image_id in enumerate(source.ids) if first_of_id[image_id] in features]
     if not kept:
         raise ValueError(f"{description}: no readable image among {len(source)}")

@@ -1,12 +1,23 @@
 """The offline encoders are the real trained models, not just tensors that load."""
 
 import csv
+import os
 
 import pytest
 import torch
 from conftest import SHARED_DATA, compose_config, require_shared_data
 
-from asif_exp.encoders import IMAGE_MODELS, ImageEncoder, Preprocessing, TextEncoder, list_encoders
+from asif_exp.embeddings import auto_num_workers
+from asif_exp.encoders import (
+    IMAGE_MODELS,
+    INFERENCE_FORM,
+    ImageEncoder,
+    Preprocessing,
+    TextEncoder,
+    fold_batchnorm,
+    list_encoders,
+    vision_identity,
+)
 
 
 def test_registry_lists_offline_and_hub_encoders():
@@ -65,3 +76,66 @@ def test_minilm_embeds_meaning():
     cos = torch.nn.functional.cosine_similarity
     assert a.shape == (384,)
     assert cos(a, b, dim=0) > cos(a, c, dim=0) + 0.2
+
+
+class _ConvNormNet(torch.nn.Module):
+    """conv -> batch norm -> ReLU, then a conv whose output a batch norm and a residual both read
+    (not foldable: the residual needs the unnormalised output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.norm2 = torch.nn.BatchNorm2d(8)
+        self.tap = torch.nn.Identity()
+
+    def forward(self, x):
+        y = torch.relu(self.norm1(self.conv1(x)))
+        z = self.conv2(y)
+        return self.norm2(z) + self.tap(z)
+
+
+def _randomised_statistics(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator))
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(n, generator=generator))
+            module.bias.data.copy_(torch.randn(n, generator=generator))
+
+
+def test_fold_batchnorm_matches_the_unfolded_network_and_skips_shared_outputs():
+    model = _ConvNormNet()
+    _randomised_statistics(model)
+    model.eval()
+    x = torch.randn(4, 3, 10, 10)
+    with torch.inference_mode():
+        expected = model(x)
+    assert fold_batchnorm(model, x[:2]) == 1
+    assert isinstance(model.norm2, torch.nn.BatchNorm2d)  # conv2's output is read twice
+    assert not isinstance(model.norm1, torch.nn.BatchNorm2d)  # folded into conv1
+    with torch.inference_mode():
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_encoder_agrees_with_the_plain_module_and_says_so_in_its_identity():
+    cfg = compose_config(
+        ["encoder.vision.crop_size=64", "encoder.vision.resize_size=64"]
+    ).encoder.vision
+    encoder = ImageEncoder(cfg, "cpu")
+    plain = IMAGE_MODELS[cfg.name](cfg).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.model.modules())
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        cosine = torch.nn.functional.cosine_similarity(encoder.encode_pixels(pixels), plain(pixels))
+    assert float(cosine.min()) >= 0.99999
+    assert encoder.identity["inference"] == INFERENCE_FORM == vision_identity(cfg)["inference"]
+
+
+def test_auto_num_workers():
+    cores = len(os.sched_getaffinity(0))
+    assert auto_num_workers(torch.device("cpu")) == cores // 8
+    assert 1 <= auto_num_workers(torch.device("cuda")) <= 16

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One command for a short GPU lease (under 8 minutes on one H100/H200): the GPU-marked tests, the
+# One command for a short GPU lease (under 10 minutes on one H100/H200): the GPU-marked tests, the
 # paper-scale benchmark (engine against the faithful authors' baseline, bf16 and float32), the
-# scoring cost-model calibration, and one JSON + one markdown summary.
+# scoring cost-model calibration, the encoding benchmark on real images (GPU only: it needs
+# ../shared/data, or ASIF_DATA_ROOT), and one JSON + one markdown summary.
 #
 #   bash experiments/bench/gpu_check.sh [OUT_DIR]            # default OUT_DIR: $OUT, else outputs/gpu_check
 #   bash experiments/bench/gpu_check.sh --dry-run [OUT_DIR]  # the same steps, tiny, on the CPU (CI)
@@ -30,8 +31,8 @@ else
     DEVICE=cuda
     BENCH=(--scale paper)
     CALIBRATE=()
-    # 7.5 minutes in all at worst (each step's limit); none of these was measured on a GPU yet.
-    LIMIT_TESTS=45 LIMIT_BENCH=180 LIMIT_CALIBRATE=60
+    # 9.5 minutes in all at worst (each step's limit); none of these was measured on a GPU yet.
+    LIMIT_TESTS=45 LIMIT_BENCH=180 LIMIT_CALIBRATE=60 LIMIT_ENCODING=120
 fi
 
 step() {  # step NAME LIMIT_S COMMAND...: run, log, record exit status and seconds
@@ -56,6 +57,13 @@ step bench_float32 "$LIMIT_BENCH" "$PYTHON" experiments/bench/bench_engine.py "$
     --device "$DEVICE" --dtype float32 --no-scaling --json "$OUT_DIR/bench_float32.json"
 step calibration "$LIMIT_CALIBRATE" "$PYTHON" experiments/bench/calibrate_scoring.py \
     "${CALIBRATE[@]}" --device "$DEVICE" --json "$OUT_DIR/calibration.json"
+if [ "$DRY" = 0 ]; then
+    # Lite0 (packaged weights) and the paper's ViT-B/16 (random weights: timing only), today's
+    # path against the pinned, prefetching loader; 0 and 8 workers beside the default (auto).
+    step encoding "$LIMIT_ENCODING" "$PYTHON" experiments/bench/bench_encoding.py --device cuda \
+        --vision efficientnet_lite0,vit_b16_in21k_miil --cifar 2048 --flickr 1024 \
+        --captions 5000 --repeats 2 --workers 0,8 --json "$OUT_DIR/encoding.json"
+fi
 "$PYTHON" experiments/bench/gpu_summary.py "$OUT_DIR"
 # Exit status: 0 only if every step passed.
 ! cut -f2 "$OUT_DIR/steps.tsv" | grep -qv '^0$'

@@ -1,8 +1,9 @@
 """Gather the outputs of gpu_check.sh into one JSON and one markdown summary.
 
     python experiments/bench/gpu_summary.py OUT_DIR
-reads OUT_DIR/{steps.tsv, bench_bf16.json, bench_float32.json, calibration.json} (any missing
-file is reported as missing) and writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md.
+reads OUT_DIR/{steps.tsv, bench_bf16.json, bench_float32.json, calibration.json,
+encoding.json} (any missing file is reported as missing) and writes OUT_DIR/gpu_check.json
+and OUT_DIR/gpu_check.md.
 """
 
 from __future__ import annotations
@@ -55,12 +56,29 @@ def bench_lines(name: str, bench: dict | None) -> list[str]:
     return lines
 
 
+def encoding_lines(encoding: dict | None) -> list[str]:
+    if encoding is None:
+        return ["- no result (see encoding.log; it runs on GPU only)"]
+    lines = []
+    for vision in encoding["vision"]:
+        for set_name, result in vision["sets"].items():
+            rates = {name: round(v["per_s_median"], 1) for name, v in result["variants"].items()}
+            lines.append(
+                f"- {vision['config']}, {set_name}: speed-up over today's path "
+                f"{result['speedup_over_today']['median']:.2f}x, pipeline / model alone "
+                f"{result['pipeline_over_model']['median']:.2f}x, lowest cosine to today "
+                f"{result['min_cosine_to_today']:.6f}; images/s {rates}"
+            )
+    return lines
+
+
 def main(out: Path) -> dict:
     summary = {
         "steps": steps(out),
         "bench_bf16": load(out / "bench_bf16.json"),
         "bench_float32": load(out / "bench_float32.json"),
         "calibration": load(out / "calibration.json"),
+        "encoding": load(out / "encoding.json"),
     }
     md = ["# GPU check", ""]
     md += ["| step | exit status | seconds |", "| --- | --- | --- |"]
@@ -85,6 +103,8 @@ def main(out: Path) -> dict:
                 f"  - n={cell['n']} k={cell['k']}: per p dense {cell['dense_s']}, sparse "
                 f"{cell['sparse_s']}; engine takes {'dense' if cell['engine_dense'] else 'sparse'}"
             )
+    md += ["", "## Encoding (bench_encoding.py)", ""]
+    md += encoding_lines(summary["encoding"])
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "gpu_check.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

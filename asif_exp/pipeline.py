@@ -364,21 +364,16 @@ def job_name(cfg: DictConfig, method: Method) -> str:
 
 
 def check_writable_folder(folder: Path, key: str) -> None:
-    """Create `folder` if needed and check that a file can be written there, before any work:
-    a file where the folder should be, or a folder that cannot be created or written, is one
-    line naming it, not a crash once everything is computed."""
-    probe = folder / f".write-test-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or str(error)
-        if isinstance(error, (FileExistsError, NotADirectoryError)):
-            reason = "a file is in the way: expected a folder"
-        raise ConfigError(
-            f"{key}={folder}: cannot write there: {error.filename or folder}: {reason}"
-        ) from None
+    """Check, before any work and without creating anything, that `folder` can be created and
+    written: a file where the folder (or one above it) should be, or a folder that cannot be
+    written, is one line naming it, not a crash once everything is computed."""
+    existing = folder.absolute()
+    while not existing.exists():  # (False also below a file: ENOTDIR)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={folder}: cannot write there: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={folder}: cannot write there: {existing} is not writable")
 
 
 # Config keys that change no number: a results.json written under other values still counts

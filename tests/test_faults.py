@@ -37,9 +37,9 @@ import asif_exp.embeddings
 import asif_exp.explain
 import asif_exp.methods.asif.method
 from asif_exp.cli import is_user_error, one_line, run_cli, user_errors_in_one_line
-from asif_exp.data import DataError, ImageFiles, file_hashes, is_blank, to_rgb
+from asif_exp.data import ImageFiles, file_hashes, is_blank, to_rgb
 from asif_exp.embeddings import EmbeddingCache
-from asif_exp.errors import ConfigError, ModelFormatError
+from asif_exp.errors import ConfigError, DataError, ModelFormatError
 from asif_exp.memory import AsifModel, load_model
 from asif_exp.methods.asif import AsifMethod, AsifOptions, relative_representation
 from asif_exp.methods.asif.topk import TopK

@@ -40,7 +40,8 @@ from asif_exp.memory.usage import (
     usage_summary,
 )
 from asif_exp.memory.workspace import Workspace, load_workspace
-from asif_exp.options import as_list, check_config
+from asif_exp.options import as_list
+from asif_exp.pipeline import check_run_config
 from asif_exp.results import write_json_atomic
 from asif_exp.tasks.base import QueryDirection, Task, load_task
 
@@ -363,7 +364,7 @@ def explain_main(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -
     """The whole job as a plain function (Hydra only composes the config). `overrides`: the
     command line's, to refuse options a saved model (`model_dir`) would ignore."""
     started = time.perf_counter()
-    check_config(cfg, overrides)
+    check_run_config(cfg, overrides)
     output_dir = Path(cfg.paths.output_dir)
     _queries(cfg)  # a typo fails before any work
     task = load_task(cfg)

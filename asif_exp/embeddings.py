@@ -511,13 +511,15 @@ def _collate(batch):
 
 def auto_num_workers(device: torch.device) -> int:
     """DataLoader workers for `encoder.vision.num_workers: null`. On CPU the model and the
-    workers share the cores and preprocessing is a few % of the model's time (EfficientNet-Lite0,
-    experiments/bench/README.md): one worker per 8 cores, none on fewer. On GPU the CPU only
-    decodes and resizes: every core but one, at most 16."""
+    workers share the cores; preprocessing is a few % of the model's time on a free machine, but
+    done in the main process it stalls the model, and on a busy one it gets a single thread's
+    share (experiments/bench/README.md: 0.55x of the model alone without a worker, 0.96x with
+    one, 2 cores): one worker per 8 cores, at least one. On GPU the CPU only decodes and resizes:
+    every core but one, at most 16."""
     cores = len(os.sched_getaffinity(0))
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))
-    return cores // 8
+    return max(1, cores // 8)
 
 
 def encode_images(

@@ -87,8 +87,8 @@ class BenchmarkConfig:
     loader: str = MISSING
     root: str | None = None
     split: str = "test"
-    class_names: str | None = None  # built-in list (asif_exp/prompts/classnames); None: from data
-    templates: str = "photo1"  # built-in template set (asif_exp/prompts/templates)
+    class_names: str | None = None  # built-in list (data/prompts/classnames); None: from data
+    templates: str = "photo1"  # built-in template set (asif_exp/data/prompts/templates)
     subset: int | None = None  # class-balanced seeded subset of this many images
     subset_seed: int = 0
     labels_file: str | None = None  # labels_csv: CSV with file,label columns

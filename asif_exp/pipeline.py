@@ -302,12 +302,23 @@ def run_job(cfg: DictConfig) -> RunResults:
         if finished is not None:
             log.info("skip_existing: %s already holds this job's results", results_path)
             return finished
-    job_name = f"{cfg.anchors.name}-{cfg.benchmark.name}-n{cfg.asif.n}-k{cfg.asif.k}-p{cfg.asif.p}"
-    with open_tracker(cfg.logger, resolved, output_dir, job_name) as tracker:
-        results = evaluate(cfg, resolved)
+    method, task = load_method(cfg), load_task(cfg)
+    with open_tracker(cfg.logger, resolved, output_dir, job_name(cfg, method)) as tracker:
+        results = evaluate(cfg, resolved, method, task)
         tracker.log_results(results)
     results.write(results_path)
     return results
+
+
+def job_name(cfg: DictConfig, method: Method) -> str:
+    """The data, the method and its grid, e.g. `coco_mini-cifar10-asif-n[200, 400]-k50-p[1,2]`."""
+
+    def values(items: list) -> str:
+        shown = [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in items]
+        return shown[0] if len(shown) == 1 else f"[{','.join(shown)}]"
+
+    grid = "".join(f"-{key}{values(v)}" for key, v in method.hyperparameters().items())
+    return f"{cfg.anchors.name}-{cfg.benchmark.name}-{method.name}-n{cfg.asif.n}{grid}"
 
 
 # Config keys that change no number: a results.json written under other values still counts
@@ -368,9 +379,8 @@ def finished_results(path: Path, resolved: dict) -> RunResults | None:
     return finished
 
 
-def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
+def evaluate(cfg: DictConfig, resolved: dict, method: Method, task: Task) -> RunResults:
     started = time.perf_counter()
-    method, task = load_method(cfg), load_task(cfg)
     torch.manual_seed(cfg.seed)
 
     anchors = load_anchors(cfg.anchors, cfg.paths.data_root)
@@ -389,11 +399,7 @@ def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
 
     report = MethodReport()
     cells = listed_prefix_cells(score_and_measure(method, task, problem, ns, report), used)
-    skipped = report.notes.get("skipped_cells_k_gt_n")
-    if skipped is not None:
-        report.notes["skipped_cells_k_gt_n"] = [
-            [n, k] for n_used, k in skipped for n in sorted(used) if used[n] == n_used
-        ]
+    report.notes["skipped_cells"] = listed_prefix_skipped(report.skipped, used)
     problem.info["anchors"].details["n_counts"] = N_COUNTS
     timings.update(report.timings)
     timings["total_s"] = time.perf_counter() - started
@@ -414,6 +420,7 @@ def evaluate(cfg: DictConfig, resolved: dict) -> RunResults:
     )
 
 
+NONFINITE_SCORES = "non-finite scores"
 N_COUNTS = "listed pairs, as anchors.limit does; a cell's n_used: the readable pairs among them"
 
 
@@ -439,24 +446,33 @@ def listed_prefix_cells(cells: list[CellResult], used: dict[int, int]) -> list[C
     ]
 
 
+def listed_prefix_skipped(skipped: list[dict], used: dict[int, int]) -> list[dict]:
+    """The skipped cells as results.json lists them, for every method alike: labelled by the
+    listed n asked for, with n_used, as the scored cells are."""
+    return [
+        {"n": n, "n_used": cell["n"], **{k: v for k, v in cell.items() if k != "n"}}
+        for cell in skipped
+        for n in sorted(used)
+        if used[n] == cell["n"]
+    ]
+
+
 def score_and_measure(
     method: Method, task: Task, problem: EmbeddedProblem, ns: list[int], report: MethodReport
 ) -> list[CellResult]:
     """Every cell of the method's grid, scored and measured by the task.
 
     A cell whose scores are not all finite is never measured (NaN compares false, so a
-    rank-based metric would count it as a hit): it is skipped, warned about and listed in the
-    notes; a grid with no finite cell is an error.
+    rank-based metric would count it as a hit): it is skipped, warned about and listed with the
+    method's skipped cells; a grid with no finite cell is an error.
     """
-    cells, nonfinite = [], []
+    cells = []
     for cell in method.score(problem, ns, report):
         if bool(torch.isfinite(cell.scores).all()):
             cells.append(CellResult(cell.params, task.metrics(cell.scores, problem)))
         else:
             log.warning("%s cell %s: non-finite scores; cell skipped", method.name, cell.params)
-            nonfinite.append(cell.params)
-    if nonfinite:
-        report.notes["skipped_cells_nonfinite_scores"] = nonfinite
+            report.skipped.append({**cell.params, "reason": NONFINITE_SCORES})
     if not cells:
         raise ValueError(f"method={method.name}: every cell of the grid gave non-finite scores")
     return cells

@@ -79,7 +79,7 @@ class RunResults:
     headline: CellResult
     primary_metric: str  # the task's main metric: the sweep objective, the best-first order
     embeddings_from_cache: dict = field(default_factory=dict)
-    notes: dict = field(default_factory=dict)  # method notes, e.g. skipped_cells_k_gt_n
+    notes: dict = field(default_factory=dict)  # e.g. skipped_cells: [{n, n_used, k, reason}]
     timings: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -148,7 +148,8 @@ def results_from_dict(raw: dict, source: str = "results") -> RunResults:
     try:
         if version == 1:  # before methods and tasks: ASIF classification over (n, k, p)
             params, method, task, primary = ["n", "k", "p"], "asif", "classification", "top1"
-            notes = {"skipped_cells_k_gt_n": raw.get("skipped_cells_k_gt_n", [])}
+            skipped = raw.get("skipped_cells_k_gt_n", [])  # [[n, k], ...]: every p of a cell
+            notes = {"skipped_cells": [{"n": n, "k": k, "reason": "k > n"} for n, k in skipped]}
         else:
             params, method, task = raw["headline_params"], raw["method"], raw["task"]
             primary, notes = raw["primary_metric"], raw["notes"]

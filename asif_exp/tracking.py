@@ -18,45 +18,10 @@ from asif_exp.results import RunResults
 
 log = logging.getLogger(__name__)
 
-GRID_KEYS = {"n", "k", "p"}  # ASIF's grid: Figure 4's curves plot the primary metric against n
-
 
 class NullTracker:
     def log_results(self, results: RunResults) -> None:
         pass
-
-
-def figure4_series(cells: list[dict], metric: str = "top1") -> list[dict]:
-    """Figure 4's curves from a grid: [{name, title, xs: [[n...]], ys: [[metric...]], keys}].
-
-    Empty when the grid has a single n (nothing to draw against n).
-    """
-    ns = sorted({c["n"] for c in cells})
-    if len(ns) < 2:
-        return []
-    best = max((c for c in cells if c["n"] == ns[-1]), key=lambda c: (c[metric], -c["k"], -c["p"]))
-    series = []
-    for fixed, varied in (("p", "k"), ("k", "p")):
-        values = sorted({c[varied] for c in cells if c[fixed] == best[fixed]})
-        xs, ys, keys = [], [], []
-        for value in values:
-            # Cells with k > n were skipped: each line has its own xs.
-            line = sorted(
-                (c["n"], c[metric]) for c in cells if c[fixed] == best[fixed] and c[varied] == value
-            )
-            xs.append([n for n, _ in line])
-            ys.append([y for _, y in line])
-            keys.append(f"{varied}={value:g}")
-        series.append(
-            {
-                "name": f"fig4_{varied}_curves",
-                "title": f"{metric} vs n, curves over {varied} ({fixed}={best[fixed]:g})",
-                "xs": xs,
-                "ys": ys,
-                "keys": keys,
-            }
-        )
-    return series
 
 
 class WandbTracker:
@@ -79,6 +44,9 @@ class WandbTracker:
             self.run.log({c: row.get(c) for c in columns}, step=step)
             table.add_data(*setup, *[row.get(c) for c in columns])
         extra = {"results": table}
+        # (imported here: only a W&B run draws curves)
+        from asif_exp.reports.curves import GRID_KEYS, figure4_series
+
         if GRID_KEYS <= set(rows[0]):  # ASIF's (n, k, p) grid
             for curve in figure4_series(rows, results.primary_metric):
                 extra[curve["name"]] = wandb.plot.line_series(

@@ -186,7 +186,7 @@ def test_cells_with_non_finite_scores_are_skipped_never_measured(caplog):
     cfg = compose_config([*TINY, "task=retrieval"])
     cells = score_and_measure(Broken(), retrieval_task(cfg), problem, [4], report)
     assert [c.params["c"] for c in cells] == [1]
-    assert report.notes["skipped_cells_nonfinite_scores"] == [{"n": 4, "c": 0}]
+    assert report.skipped == [{"n": 4, "c": 0, "reason": "non-finite scores"}]
 
 
 @pytest.mark.parametrize("n", [20, 60])
@@ -392,3 +392,19 @@ def test_comparison_builder_keeps_the_best_setting_per_method_and_n(tmp_path):
     markdown = out.with_suffix(".md").read_text()
     assert "| 400 | 0.400 | 0.600 |" in markdown  # n against the methods, asif first
     assert (out.parent / "cmp_classification_cifar10.png").stat().st_size > 0
+
+
+def test_a_job_is_named_by_its_own_methods_grid():
+    from asif_exp.pipeline import job_name
+
+    ridge = compose_config([*TINY, "method=ridge", "asif.n=[50,150]", "method.alpha=[0.1,10]"])
+    assert job_name(ridge, load_method(ridge)) == (
+        "synthetic_shapes-synthetic_shapes-ridge-n[50, 150]-alpha[0.1,10]"
+    )
+    asif = compose_config([*TINY, "asif.k=[5,20]"])
+    assert (
+        job_name(asif, load_method(asif))
+        == "synthetic_shapes-synthetic_shapes-asif-nNone-k[5,20]-p2"
+    )
+    procrustes = compose_config([*TINY, "method=procrustes"])
+    assert job_name(procrustes, load_method(procrustes)).endswith("-procrustes-nNone")

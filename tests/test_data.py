@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from asif_exp.data import balanced_subset, load_anchors, load_benchmark
+from asif_exp.data.synthetic import SHAPES, SyntheticShapes
 from asif_exp.errors import DataError
-from asif_exp.synthetic import SHAPES, SyntheticShapes
 
 
 def cfg_of(group: str, option: str, **changes):

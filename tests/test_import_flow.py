@@ -26,7 +26,7 @@ LAYERS = [
         "asif_exp.problem",
         "asif_exp.results",
     ],
-    ["asif_exp.data", "asif_exp.prompts", "asif_exp.synthetic"],
+    ["asif_exp.data"],
     ["asif_exp.encoders", "asif_exp.embeddings"],
     ["asif_exp.methods"],
     ["asif_exp.tasks"],
@@ -123,3 +123,22 @@ def test_an_import_against_the_flow_is_found(module, source):
     modules = package_modules()
     modules[module] = modules[module] + "\n" + source + "\n"
     assert len(violations(modules)) == 1
+
+
+def private_imports(source: str) -> list[str]:
+    """Names starting with `_` that a source imports from asif_exp."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "asif_exp":
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if "._" in a.name and a.name.startswith("asif_")]
+    return found
+
+
+def test_scripts_and_tests_use_only_public_names():
+    root = PACKAGE.parent
+    sources = [*root.joinpath("tests").rglob("*.py"), *root.joinpath("experiments").rglob("*.py")]
+    found = {str(p.relative_to(root)): private_imports(p.read_text()) for p in sources}
+    assert {path: names for path, names in found.items() if names} == {}
+    assert private_imports("from asif_exp.methods.asif.topk import _keep_topk") != []

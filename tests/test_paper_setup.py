@@ -98,7 +98,7 @@ def test_split_of_a_subset_names_both_in_its_fingerprint(tmp_path):
     ],
 )
 def test_paper_benchmarks_compose(benchmark, names, templates, size):
-    from asif_exp.prompts import load_class_names, load_templates
+    from asif_exp.data.prompts import load_class_names, load_templates
 
     cfg = _compose(f"benchmark={benchmark}")
     assert (cfg.benchmark.class_names, cfg.benchmark.templates) == (names, templates)

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, compose_config, require_shared_data
 
+from asif_exp.data.synthetic import render, sample
 from asif_exp.pipeline import run
 from asif_exp.results import read_results
-from asif_exp.synthetic import render, sample
 
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "pre_refactor_cells.json").read_text())

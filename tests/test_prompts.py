@@ -1,4 +1,4 @@
-"""Tests for the built-in class names and prompt templates (asif_exp.prompts)."""
+"""Tests for the built-in class names and prompt templates (asif_exp.data.prompts)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import asif_exp.prompts as prompts
-from asif_exp.prompts import (
-    _parse_templates,
+import asif_exp.data.prompts as prompts
+from asif_exp.data.prompts import (
     available_class_names,
     available_templates,
     load_class_names,
     load_templates,
+    parse_templates,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -133,15 +133,15 @@ def test_unknown_name_raises(loader, bad):
 def test_parse_templates_rejects_bad_line(line):
     text = f"a photo of a {{}}.\n{line}\n"
     with pytest.raises(ValueError, match=r"my_file\.txt, line 2"):
-        _parse_templates(text, "my_file.txt")
+        parse_templates(text, "my_file.txt")
 
 
 def test_parse_templates_rejects_empty_line_and_accepts_good_text():
     with pytest.raises(ValueError, match="line 2"):
-        _parse_templates("a {}.\n\nb {}.\n", "f.txt")
+        parse_templates("a {}.\n\nb {}.\n", "f.txt")
     with pytest.raises(ValueError):
-        _parse_templates("", "f.txt")
-    assert _parse_templates("  a {}.  \r\nb {}.", "f.txt") == ["a {}.", "b {}."]
+        parse_templates("", "f.txt")
+    assert parse_templates("  a {}.  \r\nb {}.", "f.txt") == ["a {}.", "b {}."]
 
 
 def test_malformed_template_file_raises_with_file_and_line(tmp_path, monkeypatch):

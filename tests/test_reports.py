@@ -11,11 +11,11 @@ from conftest import subprocess_env
 from fake_results import fake_top1, write_results
 
 from asif_exp.reports import (
-    PAPER_TABLE1,
-    TUNED_ON_VAL,
     build_table1,
     figure4,
     load_cells,
+    paper_numbers,
+    paper_rows,
     paper_table1,
     select_cells,
     write_table1,
@@ -85,7 +85,7 @@ def test_table1_against_both_paper_versions(tmp_path):
     assert table.wide.loc["ASIF ViT-B/16 sup. (1.6M pairs) — paper, arXiv v1 (2022)"].iloc[0] == (
         "55.4*"
     )
-    assert TUNED_ON_VAL in table.notes
+    assert paper_numbers()["tuned_on_val_note"] in table.notes
     paths = write_table1(table, tmp_path / "out" / "table1")
     markdown, latex, csv = (p.read_text() for p in paths)
     assert "| zero-shot top-1 (%) | ImageNet |" in markdown and "60.9" in markdown
@@ -106,10 +106,10 @@ def test_paper_numbers_as_published():
     }
     benchmarks = ("imagenet", "cifar100", "oxford_pets", "imagenet_v2")
     assert {
-        (r.method, r.version): tuple(r.top1.get(b) for b in benchmarks) for r in PAPER_TABLE1
+        (r.method, r.version): tuple(r.top1.get(b) for b in benchmarks) for r in paper_rows()
     } == published
     # the paper's asterisk: its first-version ASIF ImageNet figures were tuned on ImageNet val
-    assert {(r.method, r.version) for r in PAPER_TABLE1 if r.starred == ("imagenet",)} == {
+    assert {(r.method, r.version) for r in paper_rows() if r.starred == ("imagenet",)} == {
         ("ASIF ViT-B/16 sup. (1.6M pairs)", "arXiv v1 (2022)"),
         ("ASIF DINO ViT-S/8 unsup. (1.6M pairs)", ""),
     }
@@ -126,7 +126,8 @@ def test_both_in21k_vits_are_compared_with_the_papers_row(tmp_path):
 
 
 def test_committed_paper_reference_is_the_builders_output(tmp_path):
-    """experiments/table1/paper_reference.* are rebuilt from PAPER_TABLE1, never edited by hand."""
+    """experiments/table1/paper_reference.* are rebuilt from paper_table1.json beside them,
+    never edited by hand."""
     title = "Table 1 of the paper (its numbers only)"
     for path in write_table1(paper_table1(), tmp_path / "paper_reference", title):
         committed = ROOT / "experiments" / "table1" / path.name

@@ -55,7 +55,7 @@ def test_version_1_loads_as_asif_classification(tmp_path):
     assert (loaded.method, loaded.task, loaded.primary_metric) == ("asif", "classification", "top1")
     assert loaded.cells[0].params == {"n": 5, "k": 2, "p": 1.0}
     assert loaded.benchmark.details["class_names"] == ["x"]
-    assert loaded.notes == {"skipped_cells_k_gt_n": [[5, 8]]}
+    assert loaded.notes == {"skipped_cells": [{"n": 5, "k": 8, "reason": "k > n"}]}
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from reference import dense_asif
 
 from asif_exp.data import load_benchmark
+from asif_exp.data.synthetic import render, sample
 from asif_exp.errors import DataError
 from asif_exp.methods.asif import AsifMethod, AsifOptions
 from asif_exp.methods.base import MethodReport
@@ -21,7 +22,6 @@ from asif_exp.pipeline import run, summary_table
 from asif_exp.problem import EmbeddedProblem, Targets
 from asif_exp.reports import build_table1, figure4, load_cells
 from asif_exp.results import CellResult, DataSummary, RunResults
-from asif_exp.synthetic import render, sample
 from asif_exp.tasks.retrieval import Retrieval, retrieval_metrics
 
 KS = (1, 2, 3, 5)

@@ -252,6 +252,7 @@ def test_a_grid_up_to_the_listed_count_runs_and_records_both_counts(tmp_path):
     assert results["anchors"]["pairs"] == 2 * PER_SHARD and results["anchors"]["pairs_used"] == 7
     cells = {(c["n"], c["k"]): c["n_used"] for c in results["cells"]}
     assert cells == {(4, 2): 3, (8, 2): 7, (8, 4): 7}  # n = 4 holds the failed row 2
-    assert results["notes"]["skipped_cells_k_gt_n"] == [[4, 4]]  # 3 readable among the first 4
+    # 3 readable among the first 4: k = 4 > n_used
+    assert results["notes"]["skipped_cells"] == [{"n": 4, "n_used": 3, "k": 4, "reason": "k > n"}]
     assert results["n"] == 8 and results["n_used"] == 7
     assert results["anchors"]["n_counts"].startswith("listed pairs")

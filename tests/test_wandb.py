@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import asif_exp.config  # noqa: F401  (registers the config schemas)
-from asif_exp.tracking import figure4_series, open_tracker, run_tags
+from asif_exp.reports.curves import figure4_series
+from asif_exp.tracking import open_tracker, run_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ import csv
 from pathlib import Path
 
 from asif_exp.data.common import IMAGE_SUFFIXES, ImageFiles, resolve_path
+from asif_exp.data.prompts import load_class_ids
 from asif_exp.data.registry import benchmark_loader
 from asif_exp.errors import DataError
-from asif_exp.prompts import load_class_ids
 
 
 def _visible(path: Path) -> bool:
@@ -106,7 +106,7 @@ def class_index_folder_benchmark(cfg, data_root: str, class_names: list[str] | N
         if unknown:
             raise DataError(
                 f"{what}: folders {unknown[:5]} in {root} are not class ids of "
-                f"{cfg.class_names} (asif_exp/prompts/class_ids/{cfg.class_names}.txt)"
+                f"{cfg.class_names} (asif_exp/data/prompts/class_ids/{cfg.class_names}.txt)"
             )
         folder_label = {folder: index[folder] for folder in folders}
     elif cfg.folder_labels == "sorted":

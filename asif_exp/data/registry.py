@@ -22,8 +22,8 @@ from asif_exp.data.common import (
     apply_repeated_pairs_policy,
     balanced_subset,
 )
+from asif_exp.data.prompts import load_class_names, load_templates
 from asif_exp.errors import DataError
-from asif_exp.prompts import load_class_names, load_templates
 
 log = logging.getLogger(__name__)
 ANCHOR_LOADERS: dict[str, Callable] = {}

@@ -33,7 +33,6 @@ from asif_exp.memory.model import (
     MODEL_TENSORS,
     AsifModel,
     Prompts,
-    Scored,
     load_model,
     save_model,
 )
@@ -68,7 +67,6 @@ __all__ = [
     "PairContribution",
     "Prompts",
     "RetrievalExplanation",
-    "Scored",
     "abstain",
     "anchor_usage",
     "coverage_curve",

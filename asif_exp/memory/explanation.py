@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from asif_exp.memory.model import AsifModel, Prompts, Scored
+from asif_exp.memory.model import AsifModel, Prompts
+from asif_exp.methods.asif import ModelScores
 from asif_exp.tasks.base import QueryDirection
 from asif_exp.tasks.classification import no_overlap
 
@@ -57,7 +58,7 @@ def _row(matrix: Tensor, row: int) -> tuple[Tensor, Tensor]:
     return matrix.col_indices()[lo:hi], matrix.values()[lo:hi]
 
 
-def shared_anchors(scored: Scored, image: int, target: int) -> tuple[Tensor, ...]:
+def shared_anchors(scored: ModelScores, image: int, target: int) -> tuple[Tensor, ...]:
     """(anchor ids, image values, target values, products) over the anchors non-zero in both
     image row `image` and target row `target`, largest product first (ties: lower id)."""
     image_ids, image_values = _row(scored.image_rr, image)
@@ -171,7 +172,7 @@ class RetrievalExplanation:
 
 def explain_match(
     model: AsifModel,
-    scored: Scored,
+    scored: ModelScores,
     direction: QueryDirection,
     query: int,
     query_index: int,

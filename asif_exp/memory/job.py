@@ -31,7 +31,7 @@ from asif_exp.memory.figures import (
     render_usage,
     write_csv,
 )
-from asif_exp.memory.model import AsifModel, Scored
+from asif_exp.memory.model import AsifModel
 from asif_exp.memory.usage import (
     coverage_rows,
     explanation_counts,
@@ -40,6 +40,7 @@ from asif_exp.memory.usage import (
     usage_summary,
 )
 from asif_exp.memory.workspace import Workspace, load_workspace
+from asif_exp.methods.asif import ModelScores
 from asif_exp.options import as_list, check_config
 from asif_exp.results import write_json_atomic
 from asif_exp.tasks.base import QueryDirection, Task, load_task
@@ -71,8 +72,8 @@ def _before_after(before: dict, after: dict) -> dict:
 
 
 def _edit(
-    cfg: DictConfig, ws: Workspace, scored: Scored, directions: list[QueryDirection]
-) -> tuple[AsifModel, Scored, dict | None]:
+    cfg: DictConfig, ws: Workspace, scored: ModelScores, directions: list[QueryDirection]
+) -> tuple[AsifModel, ModelScores, dict | None]:
     edit = cfg.edit
     if not (
         edit.remove_indices
@@ -115,7 +116,7 @@ def _edit(
 
 
 def _explain_query(
-    cfg, ws: Workspace, model: AsifModel, scored: Scored, direction: QueryDirection, row: int
+    cfg, ws: Workspace, model: AsifModel, scored: ModelScores, direction: QueryDirection, row: int
 ) -> dict:
     """Write explain_q<query>.json/.png; a summary for explain_results.json and the log."""
     query = ws.index_of(direction.query_kind, row)
@@ -211,7 +212,7 @@ def _explain_match_query(
     }
 
 
-def _abstain(cfg, scored: Scored, directions: list[QueryDirection], output_dir: Path) -> dict:
+def _abstain(cfg, scored: ModelScores, directions: list[QueryDirection], output_dir: Path) -> dict:
     """Per direction: top-1 right on the answered queries against coverage as the threshold on
     the best score moves; a query with no anchor shared with any candidate never answers."""
     curves, points = {}, {}
@@ -239,7 +240,7 @@ def _abstain(cfg, scored: Scored, directions: list[QueryDirection], output_dir: 
 def _usage(
     ws: Workspace,
     model: AsifModel,
-    scored: Scored,
+    scored: ModelScores,
     directions: list[QueryDirection],
     output_dir: Path,
 ) -> dict:
@@ -321,14 +322,14 @@ def _usage(
     return report
 
 
-def _scores_of(pruned: AsifModel, model: AsifModel, scored: Scored, ws: Workspace):
+def _scores_of(pruned: AsifModel, model: AsifModel, scored: ModelScores, ws: Workspace):
     """The pruned model's scores; the model's own when pruning removed nothing."""
     if pruned.n == model.n:
         return scored.scores
     return pruned.scores(ws.problem.images, ws.prompts)
 
 
-def _query_rows(cfg, ws: Workspace, scored: Scored, direction: QueryDirection) -> list[int]:
+def _query_rows(cfg, ws: Workspace, scored: ModelScores, direction: QueryDirection) -> list[int]:
     """Rows of the queries asked for (every one checked before anything is written)."""
     if str(cfg.query) == MISSES:
         misses = (~direction.hits(scored.scores)).nonzero().flatten()[: cfg.num_misses].tolist()

@@ -25,6 +25,7 @@ from asif_exp.embeddings import file_sha256, save_tensors
 from asif_exp.errors import ModelFormatError
 from asif_exp.methods.asif import (
     AsifOptions,
+    ModelScores,
     TopK,
     model_scores,
     relative_representation,
@@ -62,22 +63,6 @@ class Prompts:
             count = len(targets.texts)
             return cls(targets.embeddings, torch.arange(count), list(targets.texts), targets.texts)
         return cls(targets.embeddings, targets.groups, list(targets.group_names), targets.texts)
-
-
-@dataclass
-class Scored:
-    """One scoring pass, kept whole so that explanations and usage can look inside it."""
-
-    image_rr: Tensor  # sparse CSR (queries x n)
-    targets: Tensor  # sparse CSR (targets x n): class means ("mean") or prompts ("max")
-    target_class: Tensor  # (targets,) class of each target row
-    target_scores: Tensor  # (queries x targets)
-    scores: Tensor  # (queries x classes)
-
-    def best_target(self, classes: Tensor) -> Tensor:
-        """For each query, the best-scoring target row of `classes[query]` (lowest on ties)."""
-        in_class = self.target_class[None, :] == classes[:, None]
-        return self.target_scores.masked_fill(~in_class, -torch.inf).argmax(dim=1)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -152,9 +137,9 @@ class AsifModel:
         normalize = self.options.normalize in ("both", "prompt")
         return relative_representation(top, self.k, self.p, self.options.clamp_negative, normalize)
 
-    def score(self, image_embeddings: Tensor, prompts: Prompts) -> Scored:
+    def score(self, image_embeddings: Tensor, prompts: Prompts) -> ModelScores:
         """Scores as the grid computes them (the same scoring core), intermediate parts kept."""
-        scored = model_scores(
+        return model_scores(
             self._top(image_embeddings, self._unit_anchor_images, "image embeddings"),
             self._top(prompts.embeddings, self._unit_anchor_texts, "prompt embeddings"),
             self.k,
@@ -162,13 +147,6 @@ class AsifModel:
             prompts.prompt_class,
             prompts.num_classes,
             self.options,
-        )
-        if self.options.template_aggregation == "mean":
-            target_class = torch.arange(prompts.num_classes)
-        else:  # "max": a class scores as its best prompt
-            target_class = prompts.prompt_class.long()
-        return Scored(
-            scored.image_rr, scored.targets, target_class, scored.target_scores, scored.scores
         )
 
     def scores(self, image_embeddings: Tensor, prompts: Prompts) -> Tensor:

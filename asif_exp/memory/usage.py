@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asif_exp.memory.model import AsifModel, Prompts, Scored
+from asif_exp.memory.model import AsifModel, Prompts
+from asif_exp.methods.asif import ModelScores
 from asif_exp.tasks.classification import no_overlap
 
 UNKNOWN = -1  # the prediction of an abstaining model
@@ -103,7 +104,7 @@ def anchor_usage(model: AsifModel, image_embeddings: Tensor, prompts: Prompts) -
     return AnchorUsage(image_topk, prompt_topk, explanation, len(image_embeddings))
 
 
-def explanation_counts(scored: Scored, by_column: bool = False) -> Tensor:
+def explanation_counts(scored: ModelScores, by_column: bool = False) -> Tensor:
     """(n,) per anchor: how many queries' top-1 score it contributes to (non-zero both in the
     query's representation and in its top candidate's). Queries are the images (rows; a
     class's candidate is its mean or, under "max", its best prompt) or, `by_column`, the

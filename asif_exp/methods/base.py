@@ -1,8 +1,9 @@
 """What a method is: given the embedded problem and the anchor prefixes, a score matrix per cell.
 
-A method module `asif_exp/methods/<name>.py` defines `build(cfg) -> Method`; the config file
-`conf/method/<name>.yaml` holds `name: <name>` and the method's own options. That is all it
-takes to add one (the pipeline finds the module by the name).
+A method module `asif_exp/methods/<name>.py` (or package, as `asif/`) defines
+`build(cfg) -> Method`; the config file `conf/method/<name>.yaml` holds `name: <name>` and the
+method's own options. That is all it takes to add one (the pipeline finds the module by the
+name).
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ class ScoredCell:
 
 @dataclass
 class MethodReport:
-    """What a method tells about its run besides scores; both go into results.json."""
+    """What a method tells about its run besides scores; all of it goes into results.json.
+
+    `skipped`: the cells of the grid that were not scored, each its parameters (n as the anchor
+    rows used, as in a scored cell) and `reason`, the same shape for every method (the pipeline
+    writes them as `notes.skipped_cells`, n relabelled as the listed n asked for).
+    """
 
     timings: dict = field(default_factory=dict)
-    notes: dict = field(default_factory=dict)  # e.g. cells skipped as invalid
+    notes: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # e.g. {"n": 50, "k": 80, "reason": ...}
 
 
 class Method(Protocol):
@@ -39,6 +46,10 @@ class Method(Protocol):
 
     def record(self) -> dict:
         """Every option that changes a number (recorded in results.json)."""
+
+    def hyperparameters(self) -> dict[str, list]:
+        """The method's own axes of the grid, besides n, with their values (e.g. {"k": [200],
+        "p": [2.0]}, {"alpha": [0.1, 1.0]}): they name the job."""
 
     def check(self, ns: list[int]) -> None:
         """Fail, before anything is encoded, on a grid this method cannot run."""

@@ -191,6 +191,9 @@ class SharedSpaceMethod:
             "shared_space": self.description,
         }
 
+    def hyperparameters(self) -> dict[str, list]:
+        return {k: as_list(v) for k, v in self.options.items() if k != "template_aggregation"}
+
     def check(self, ns: list[int]) -> None:
         check_prefixes(ns, max(ns))
 
@@ -207,7 +210,6 @@ class SharedSpaceMethod:
             check_embeddings(name, tensor)
         check_prefixes(ns, problem.anchor_images.shape[0])
         fit_s = scoring_s = 0.0
-        skipped = []
         start = time.perf_counter()
         moments = prefix_moments(
             problem.anchor_images.to(device), problem.anchor_texts.to(device), ns
@@ -216,7 +218,7 @@ class SharedSpaceMethod:
             for params, space in self.fit(prefix):
                 cell = {"n": prefix.n, **params}
                 if isinstance(space, str):
-                    skipped.append({**cell, "reason": space})
+                    report.skipped.append({**cell, "reason": space})
                     continue
                 fit_s += time.perf_counter() - start
                 start = time.perf_counter()
@@ -228,7 +230,6 @@ class SharedSpaceMethod:
                 start = time.perf_counter()
         fit_s += time.perf_counter() - start
         report.timings.update({"fit_s": fit_s, "scoring_s": scoring_s})
-        report.notes["skipped_cells"] = skipped
 
 
 # ----------------------------------------------------------------------------- config

@@ -30,9 +30,11 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from asif_exp.methods.asif import AsifOptions, GridInputs, score_grid  # noqa: E402
+from asif_exp.methods.asif import AsifOptions, score_grid  # noqa: E402
 from asif_exp.methods.asif.topk import matmul_f32  # noqa: E402
+from asif_exp.problem import EmbeddedProblem  # noqa: E402
 from asif_exp.tasks.classification import classification_metrics  # noqa: E402
+from asif_exp.tasks.classification_grid import classification_problem  # noqa: E402
 from asif_exp.tensors import unit_rows  # noqa: E402
 
 # Figure 4's grid on Flickr8k anchors (conf/sweep/fig4_flickr8k.yaml).
@@ -68,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data
 
 
-def cached_problem() -> tuple[GridInputs, torch.Tensor, str] | tuple[None, None, str]:
+def cached_problem() -> tuple[EmbeddedProblem, torch.Tensor, str] | tuple[None, None, str]:
     """The real embeddings from the cache, or (None, None, why not). Nothing is encoded."""
     from hydra import compose, initialize_config_dir
 
@@ -99,7 +101,7 @@ def cached_problem() -> tuple[GridInputs, torch.Tensor, str] | tuple[None, None,
         found[name] = entry[0]
     kept = found["anchor images"]["kept"]
     labels = torch.tensor(benchmark.labels)[found["CIFAR-10 images"]["kept"]]
-    inputs = GridInputs(
+    inputs = classification_problem(
         images=found["CIFAR-10 images"]["embeddings"],
         anchor_images=found["anchor images"]["embeddings"],
         prompts=found["CIFAR-10 prompts"]["embeddings"],
@@ -110,7 +112,7 @@ def cached_problem() -> tuple[GridInputs, torch.Tensor, str] | tuple[None, None,
     return inputs, labels, f"cached embeddings ({cache.root})"
 
 
-def synthetic_problem(queries: int, anchors: int) -> tuple[GridInputs, torch.Tensor]:
+def synthetic_problem(queries: int, anchors: int) -> tuple[EmbeddedProblem, torch.Tensor]:
     """Random embeddings of the real problem's shapes, with a weak class structure."""
     g = torch.Generator().manual_seed(0)
     classes, templates = SHAPES["classes"], SHAPES["templates"]
@@ -123,7 +125,7 @@ def synthetic_problem(queries: int, anchors: int) -> tuple[GridInputs, torch.Ten
     anchor_labels = torch.randint(0, classes, (anchors,), generator=g)
     labels = torch.randint(0, classes, (queries,), generator=g)
     prompt_class = torch.arange(classes).repeat_interleave(templates)
-    inputs = GridInputs(
+    inputs = classification_problem(
         images=embed(labels, "image"),
         anchor_images=embed(anchor_labels, "image"),
         prompts=embed(prompt_class, "text"),
@@ -142,12 +144,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def similarity_products_s(inputs: GridInputs, n: int, options: AsifOptions) -> float:
+def similarity_products_s(inputs: EmbeddedProblem, n: int, options: AsifOptions) -> float:
     """Seconds for the similarity GEMMs alone (both sides against the first n anchors), in
     row blocks of the engine's memory budget, in its dtype, on its device."""
     device = options.resolved_device()
     dtype = options.resolved_dtype(device)
-    sides = [(inputs.images, inputs.anchor_images), (inputs.prompts, inputs.anchor_texts)]
+    sides = [
+        (inputs.images, inputs.anchor_images),
+        (inputs.targets.embeddings, inputs.anchor_texts),
+    ]
     sides = [(unit_rows(q).to(device, dtype), unit_rows(a[:n]).to(device, dtype)) for q, a in sides]
     synchronize(device)
     start = time.perf_counter()
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"data: {source}\n"
         f"{inputs.images.shape[0]:,} queries, {inputs.anchor_images.shape[0]:,} anchors, "
-        f"{inputs.prompts.shape[0]} prompts; grid n={ns} k={args.ks} p={args.ps}; "
+        f"{inputs.targets.embeddings.shape[0]} prompts; grid n={ns} k={args.ks} p={args.ps}; "
         f"device {device}, {torch.get_num_threads()} threads"
     )
 
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     labels = labels.to(device)
     for _, scores in score_grid(inputs, ns, args.ks, args.ps, options, report, progress=False):
-        best = max(best, classification_metrics(scores, labels, inputs.num_classes)["top1"])
+        best = max(best, classification_metrics(scores, labels, inputs.targets.count)["top1"])
     synchronize(device)
     wall_s = time.perf_counter() - start
     cells = len([1 for n in ns for k in args.ks if k <= n]) * len(args.ps)
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "queries": inputs.images.shape[0],
         "anchors": max(ns),
-        "prompts": inputs.prompts.shape[0],
+        "prompts": inputs.targets.embeddings.shape[0],
         "cells": cells,
         "best_top1": best,
         "topk_s": report["topk_s"],

@@ -43,7 +43,7 @@ def _sha(data: bytes) -> str:
 
 
 def _synthetic_images(count: int, size: int) -> list[tuple[bytes, str]]:
-    from asif_exp.synthetic import SyntheticShapes
+    from asif_exp.data.synthetic import SyntheticShapes
 
     shapes = SyntheticShapes(seed=7, start=0, count=count, image_size=size, label_attribute="shape")
     images = []

@@ -25,7 +25,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
-from asif_exp.methods.asif.grid import GridInputs, score_grid  # noqa: E402
+from asif_exp.methods.asif.grid import check_problem, score_grid  # noqa: E402
 from asif_exp.methods.asif.layouts import class_representation, relative_representation  # noqa: E402
 from asif_exp.methods.asif.method import (  # noqa: E402
     AsifMethod,
@@ -61,11 +61,11 @@ __all__ = [
     "FUNCTIONS",
     "AsifMethod",
     "AsifOptions",
-    "GridInputs",
     "ModelScores",
     "TopK",
     "asif_options",
     "build",
+    "check_problem",
     "check_grid",
     "class_representation",
     "class_scores",

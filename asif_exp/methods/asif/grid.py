@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,41 +18,40 @@ from asif_exp.methods.asif.layouts import (
 from asif_exp.methods.asif.options import AsifOptions, check_grid
 from asif_exp.methods.asif.scoring import cell_scores
 from asif_exp.methods.asif.topk import memoized_topk
+from asif_exp.problem import EmbeddedProblem
 from asif_exp.tensors import check_embeddings
 
 
-@dataclass
-class GridInputs:
-    """Embeddings of one zero-shot problem, as the grid takes them (rows in dataset order)."""
+def target_groups(problem: EmbeddedProblem) -> Tensor:
+    """The group (score column) of each target text: its class, or itself when ungrouped."""
+    groups = problem.targets.groups
+    return torch.arange(len(problem.targets.texts)) if groups is None else groups
 
-    images: Tensor  # (images, d_image)
-    anchor_images: Tensor  # (pairs, d_image)
-    prompts: Tensor  # (prompts, d_text)
-    anchor_texts: Tensor  # (pairs, d_text)
-    prompt_class: Tensor  # (prompts,) group of each prompt
-    num_classes: int
 
-    def check(self) -> None:
-        if self.anchor_images.shape[0] != self.anchor_texts.shape[0]:
-            raise ValueError(
-                f"anchor pairs mismatch: {self.anchor_images.shape[0]} image embeddings but "
-                f"{self.anchor_texts.shape[0]} text embeddings"
-            )
-        for name, tensor in [
-            ("image embeddings", self.images),
-            ("anchor image embeddings", self.anchor_images),
-            ("prompt embeddings", self.prompts),
-            ("anchor text embeddings", self.anchor_texts),
-        ]:
-            check_embeddings(name, tensor)
-        if len(self.prompt_class) != self.prompts.shape[0]:
-            raise ValueError("labels / prompt_class must have one entry per image / prompt")
-        if self.num_classes < 1:
-            raise ValueError("the class list is empty")
+def check_problem(problem: EmbeddedProblem) -> None:
+    """The embeddings a grid scores: anchor pairs that match, finite non-empty matrices, one
+    group per target text, at least one group."""
+    anchor_images, anchor_texts = problem.anchor_images, problem.anchor_texts
+    if anchor_images.shape[0] != anchor_texts.shape[0]:
+        raise ValueError(
+            f"anchor pairs mismatch: {anchor_images.shape[0]} image embeddings but "
+            f"{anchor_texts.shape[0]} text embeddings"
+        )
+    for name, tensor in [
+        ("image embeddings", problem.images),
+        ("anchor image embeddings", anchor_images),
+        ("prompt embeddings", problem.targets.embeddings),
+        ("anchor text embeddings", anchor_texts),
+    ]:
+        check_embeddings(name, tensor)
+    if len(target_groups(problem)) != problem.targets.embeddings.shape[0]:
+        raise ValueError("labels / prompt_class must have one entry per image / prompt")
+    if problem.targets.count < 1:
+        raise ValueError("the class list is empty")
 
 
 def score_grid(
-    inputs: GridInputs,
+    problem: EmbeddedProblem,
     ns: Iterable[int],
     ks: Iterable[int],
     ps: Iterable[float],
@@ -62,8 +60,9 @@ def score_grid(
     progress: bool = True,
     topk_memo: dict | None = None,
 ) -> Iterator[tuple[dict, Tensor]]:
-    """({"n", "k", "p"}, dense (images x classes) scores) for every valid cell of the grid,
-    from one top-k pass per side. Scores stay on the compute device.
+    """({"n", "k", "p"}, dense (images x groups) scores) for every valid cell of the grid,
+    from one top-k pass per side: the problem's images against its targets' groups (classes, or
+    each text its own). Scores stay on the compute device.
 
     Cells with k > n are skipped (listed in `report["skipped"]`); `report` also receives the
     timings. `topk_memo`, a dict the caller keeps between calls on the same embeddings (the
@@ -71,11 +70,11 @@ def score_grid(
     """
     report = {} if report is None else report
     ns, ks, ps = sorted(set(ns)), sorted(set(ks)), sorted(set(ps))
-    inputs.check()
-    check_grid(ns, ks, ps, inputs.anchor_images.shape[0], options.clamp_negative)
+    check_problem(problem)
+    check_grid(ns, ks, ps, problem.anchor_images.shape[0], options.clamp_negative)
     device = options.resolved_device()
-    prompt_class = inputs.prompt_class.long().to(device)
-    num_classes = inputs.num_classes
+    prompt_class = target_groups(problem).long().to(device)
+    num_classes = problem.targets.count
     mean = options.template_aggregation == "mean"
     # Built before the top-k pass so that a class without prompts fails fast.
     averaging_t = class_averaging_t(prompt_class, num_classes) if mean else None
@@ -84,16 +83,17 @@ def score_grid(
     k_max = max(k for k in ks if k <= ns[-1])
     start = time.perf_counter()
     image_top = memoized_topk(
-        topk_memo, "image", inputs.images, inputs.anchor_images, ns, k_max, options, progress
+        topk_memo, "image", problem.images, problem.anchor_images, ns, k_max, options, progress
     )
+    prompts, anchor_texts = problem.targets.embeddings, problem.anchor_texts
     prompt_top = memoized_topk(
-        topk_memo, "prompt", inputs.prompts, inputs.anchor_texts, ns, k_max, options, progress
+        topk_memo, "prompt", prompts, anchor_texts, ns, k_max, options, progress
     )
     _synchronize(device)
     report["topk_s"] = time.perf_counter() - start
 
     scoring_s = 0.0
-    images, prompts = inputs.images.shape[0], len(prompt_class)
+    images, prompts = problem.images.shape[0], len(prompt_class)
     valid = [(n, k) for n in ns for k in ks if k <= n]
     bar = tqdm(
         total=len(valid) * len(ps),

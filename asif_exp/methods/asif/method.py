@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asif_exp.methods.asif.grid import GridInputs, score_grid
+from asif_exp.methods.asif.grid import score_grid
 from asif_exp.methods.asif.layouts import transpose_csr
 from asif_exp.methods.asif.options import AsifOptions, asif_options, check_grid, function_of
 from asif_exp.methods.asif.scoring import (
@@ -24,6 +24,8 @@ from asif_exp.options import anchor_prefixes, int_values, positive_values
 from asif_exp.problem import EmbeddedProblem
 
 log = logging.getLogger(__name__)
+
+K_EXCEEDS_N = "k > n"  # why a cell of the grid is skipped: it cannot keep more anchors than n
 
 # Top-k passes kept between the jobs of an in-process multirun over k, p and n; only the
 # latest set of embeddings is kept, to bound memory.
@@ -55,31 +57,22 @@ class AsifMethod:
             "function": function_of(self.options),
         }
 
+    def hyperparameters(self) -> dict[str, list]:
+        return {"k": self.ks, "p": self.ps}
+
     def check(self, ns: list[int]) -> None:
         check_grid(ns, self.ks, self.ps, max(ns), self.options.clamp_negative)
 
     def score(
         self, problem: EmbeddedProblem, ns: list[int], report: MethodReport
     ) -> Iterator[ScoredCell]:
-        targets = problem.targets
-        groups = targets.groups
-        if groups is None:  # each text its own target
-            groups = torch.arange(len(targets.texts))
-        inputs = GridInputs(
-            problem.images,
-            problem.anchor_images,
-            targets.embeddings,
-            problem.anchor_texts,
-            groups,
-            targets.count,
-        )
         grid: dict = {}
         memo = topk_memo_for(problem.cache_keys)
         for params, scores in score_grid(
-            inputs, ns, self.ks, self.ps, self.options, grid, self.progress, memo
+            problem, ns, self.ks, self.ps, self.options, grid, self.progress, memo
         ):
             yield ScoredCell(params, scores)
-        report.notes["skipped_cells_k_gt_n"] = grid.pop("skipped")
+        report.skipped += [{"n": n, "k": k, "reason": K_EXCEEDS_N} for n, k in grid.pop("skipped")]
         report.timings.update(grid)
 
 
@@ -115,8 +108,14 @@ class ModelScores:
 
     image_rr: Tensor  # sparse CSR (queries x n)
     targets: Tensor  # sparse CSR (targets x n): class means ("mean") or prompts ("max")
+    target_class: Tensor  # (targets,) class of each target row
     target_scores: Tensor  # (queries x targets)
     scores: Tensor  # (queries x classes)
+
+    def best_target(self, classes: Tensor) -> Tensor:
+        """For each query, the best-scoring target row of `classes[query]` (lowest on ties)."""
+        in_class = self.target_class[None, :] == classes[:, None]
+        return self.target_scores.masked_fill(~in_class, -torch.inf).argmax(dim=1)
 
 
 def model_scores(
@@ -134,6 +133,14 @@ def model_scores(
     targets_t, target_scores, scores = score_targets(
         image_rr, prompt_t, groups.long().to(image_rr.device), num_groups, options
     )
+    if options.template_aggregation == "mean":
+        target_class = torch.arange(num_groups)
+    else:  # "max": a class scores as its best prompt
+        target_class = groups.long().cpu()
     return ModelScores(
-        image_rr.cpu(), transpose_csr(targets_t).cpu(), target_scores.cpu(), scores.cpu()
+        image_rr.cpu(),
+        transpose_csr(targets_t).cpu(),
+        target_class,
+        target_scores.cpu(),
+        scores.cpu(),
     )

@@ -83,7 +83,7 @@ def _parse_class_names(text: str, source: str) -> list[str]:
     return names
 
 
-def _parse_templates(text: str, source: str) -> list[str]:
+def parse_templates(text: str, source: str) -> list[str]:
     """Parse a template file: each line must hold exactly one ``{}`` and no other braces."""
     templates = _parse_lines(text, source)
     if not templates:
@@ -125,7 +125,7 @@ def load_templates(name: str) -> list[str]:
     names the file and line number).
     """
     text, source = _read(_TEMPLATES, name)
-    return _parse_templates(text, source)
+    return parse_templates(text, source)
 
 
 def load_class_ids(name: str) -> list[str]:

@@ -229,8 +229,7 @@ def _abstain(cfg, scored: ModelScores, directions: list[QueryDirection], output_
         [{"direction": d, **r} for d, rows in curves.items() for r in rows],
         output_dir / "abstain.csv",
     )
-    measure = "top-1 right (" + ", ".join(d.hit_metric for d in directions) + ")"
-    render_coverage(curves, output_dir / "abstain.png", points, measure)
+    render_coverage(curves, output_dir / "abstain.png", points, "top-1 right (accuracy, R@1)")
     return {
         name: {"no_threshold": rows[0], "at_threshold": points.get(name)}
         for name, rows in curves.items()

@@ -31,7 +31,7 @@ from asif_exp.memory.figures import (
     render_usage,
     write_csv,
 )
-from asif_exp.memory.model import AsifModel, ModelScores
+from asif_exp.memory.model import AsifModel
 from asif_exp.memory.usage import (
     coverage_rows,
     explanation_counts,
@@ -40,6 +40,7 @@ from asif_exp.memory.usage import (
     usage_summary,
 )
 from asif_exp.memory.workspace import Workspace, load_workspace
+from asif_exp.methods.asif import ModelScores
 from asif_exp.options import as_list
 from asif_exp.pipeline import check_run_config
 from asif_exp.results import write_json_atomic
@@ -229,8 +230,7 @@ def _abstain(cfg, scored: ModelScores, directions: list[QueryDirection], output_
         [{"direction": d, **r} for d, rows in curves.items() for r in rows],
         output_dir / "abstain.csv",
     )
-    measure = "top-1 right (" + ", ".join(d.hit_metric for d in directions) + ")"
-    render_coverage(curves, output_dir / "abstain.png", points, measure)
+    render_coverage(curves, output_dir / "abstain.png", points, "top-1 right (accuracy, R@1)")
     return {
         name: {"no_threshold": rows[0], "at_threshold": points.get(name)}
         for name, rows in curves.items()

@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -543,12 +544,16 @@ def encode_images(
         first_of_id.setdefault(image_id, index)
     unique = sorted(first_of_id.values())
     device = getattr(encoder, "device", torch.device("cpu"))
+    workers = auto_num_workers(device) if num_workers is None else num_workers
     loader = DataLoader(
         _Pixels(source, unique, encoder.transform),
         batch_size=batch_size,
-        num_workers=auto_num_workers(device) if num_workers is None else num_workers,
+        num_workers=workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
+        # fork on Linux, also inside a launcher's worker (joblib/loky start processes otherwise,
+        # and then need the image source to pickle)
+        multiprocessing_context="fork" if workers and sys.platform.startswith("linux") else None,
     )
     features: dict[int, torch.Tensor] = {}
     failures: list[dict] = []

@@ -79,7 +79,7 @@ def main(overrides: list[str]) -> None:
     params = list(cells[0].params)
     print(f"{metric} per cell ({', '.join(params)}), by storage dtype:")
     print(" ".join(f"{h:>18}" for h in ["cell", *STORAGE]))
-    for cell, value in results["float32"].items():
+    for cell in results["float32"]:
         row = [str(cell), *(f"{results[name][cell]:.4f}" for name in STORAGE)]
         print(" ".join(f"{v:>18}" for v in row))
     for name in list(STORAGE)[1:]:

@@ -45,6 +45,7 @@ from asif_exp.embeddings import EmbeddingCache  # noqa: E402
 from asif_exp.extract import renamed  # noqa: E402
 from asif_exp.methods import asif  # noqa: E402
 from asif_exp.methods.asif import topk  # noqa: E402
+from asif_exp.problem import EmbeddedProblem, Targets  # noqa: E402
 
 # The grid of the issue, for 12M anchors: n scales with --anchors.
 N_FRACTIONS = (1.6 / 12, 3.2 / 12, 6.4 / 12, 1.0)
@@ -162,13 +163,18 @@ def worker(args: argparse.Namespace) -> None:
     anchor_images = cache.load_rows(ids["image"])[0]["embeddings"]  # what the Embedder reads
     anchor_texts = cache.load_rows(ids["text"])[0]["embeddings"]
     given = torch.load(work / "problem.pt")
-    inputs = asif.GridInputs(
-        given["images"],
-        anchor_images,
-        given["prompts"],
-        anchor_texts,
-        given["prompt_class"],
-        CLASSES,
+    prompts = given["prompt_class"]
+    problem = EmbeddedProblem(  # what the pipeline hands the method, anchors left on disk
+        anchor_images=anchor_images,
+        anchor_texts=anchor_texts,
+        images=given["images"],
+        targets=Targets(
+            [f"prompt {i}" for i in range(len(prompts))],
+            given["prompts"],
+            prompts,
+            [f"class {c}" for c in range(CLASSES)],
+        ),
+        truth=None,
     )
     clock = PassClock()
     clock.install()
@@ -177,7 +183,7 @@ def worker(args: argparse.Namespace) -> None:
     report: dict = {}
     options = asif.AsifOptions(device="cpu")
     predictions = {}
-    for params, scores in asif.score_grid(inputs, ns, KS, PS, options, report, progress=False):
+    for params, scores in asif.score_grid(problem, ns, KS, PS, options, report, progress=False):
         predictions[f"{params['n']},{params['k']},{params['p']}"] = scores.argmax(1)
     low, high = topk.shard_range(ns[-1], rank, size)
     local = sorted({min(n, high) - low for n in ns if n > low})

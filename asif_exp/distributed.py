@@ -1,4 +1,6 @@
-"""The top-k pass sharded over processes (torch.distributed: gloo on CPU, NCCL on GPU).
+"""Processes of one sharded job (torch.distributed: gloo on CPU, NCCL on GPU): joining the
+group, who is rank 0, who goes first. The sharded top-k pass itself is the engine's
+(`asif_exp.methods.asif.topk.sharded_topk`).
 
 Started by `torchrun` (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment) or as the tasks of
 one SLURM job (the Hydra submitit launcher with `tasks_per_node` > 1: submitit's environment is
@@ -22,11 +24,10 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -92,65 +93,3 @@ def from_main(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Anchor ids [low, high) of `rank` among `size`: consecutive, sizes differing by at most 1."""
-    return n * rank // size, n * (rank + 1) // size
-
-
-def sharded_topk(
-    queries: Tensor,
-    anchors,
-    ns: Sequence[int],
-    k_max: int,
-    options,
-    desc: str = "top-k",
-    progress: bool = True,
-    to_cpu: bool = True,
-    normalize_anchors: bool = False,
-) -> dict:
-    """`streaming_topk` over this rank's shard of the anchors, merged exactly over all ranks:
-    every rank returns the top-k_max of each n of `ns`, as one process would compute it."""
-    from asif_exp.methods.asif.topk import TopK, select_topk, streaming_topk
-
-    me, size = rank(), world_size()
-    ns = sorted(set(ns))
-    n_max = ns[-1]
-    low, high = shard_range(n_max, me, size)
-    local_ns = sorted({min(n, high) - low for n in ns if n > low})
-    local = {}
-    if local_ns:
-        local = streaming_topk(
-            queries,
-            anchors[low:high],
-            local_ns,
-            k_max,
-            options,
-            f"{desc}, shard {me + 1}/{size}",
-            progress and me == 0,
-            to_cpu=False,
-            normalize_anchors=normalize_anchors,
-        )
-    device = options.resolved_device()
-    rows = queries.shape[0]
-    out = {}
-    for n in ns:
-        # This rank's list for n, padded to k_max (-inf never beats a similarity).
-        values = torch.full((rows, k_max), -torch.inf, device=device)
-        ids = torch.full((rows, k_max), n_max, dtype=torch.long, device=device)
-        if n > low:
-            part = local[min(n, high) - low]
-            width = part.values.shape[1]
-            values[:, :width], ids[:, :width] = part.values, part.indices + low
-        every_values = [torch.empty_like(values) for _ in range(size)]
-        every_ids = [torch.empty_like(ids) for _ in range(size)]
-        dist.all_gather(every_values, values)
-        dist.all_gather(every_ids, ids)
-        top_values, top_ids = select_topk(
-            torch.cat(every_values, 1), torch.cat(every_ids, 1), min(k_max, n)
-        )
-        if to_cpu:
-            top_values, top_ids = top_values.cpu(), top_ids.cpu()
-        out[n] = TopK(top_values, top_ids, n)
-    return out

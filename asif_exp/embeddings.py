@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -511,13 +512,15 @@ def _collate(batch):
 
 def auto_num_workers(device: torch.device) -> int:
     """DataLoader workers for `encoder.vision.num_workers: null`. On CPU the model and the
-    workers share the cores and preprocessing is a few % of the model's time (EfficientNet-Lite0,
-    experiments/bench/README.md): one worker per 8 cores, none on fewer. On GPU the CPU only
-    decodes and resizes: every core but one, at most 16."""
+    workers share the cores; preprocessing is a few % of the model's time on a free machine, but
+    done in the main process it stalls the model, and on a busy one it gets a single thread's
+    share (experiments/bench/README.md: 0.55x of the model alone without a worker, 0.96x with
+    one, 2 cores): one worker per 8 cores, at least one. On GPU the CPU only decodes and resizes:
+    every core but one, at most 16."""
     cores = len(os.sched_getaffinity(0))
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))
-    return cores // 8
+    return max(1, cores // 8)
 
 
 def encode_images(
@@ -541,12 +544,16 @@ def encode_images(
         first_of_id.setdefault(image_id, index)
     unique = sorted(first_of_id.values())
     device = getattr(encoder, "device", torch.device("cpu"))
+    workers = auto_num_workers(device) if num_workers is None else num_workers
     loader = DataLoader(
         _Pixels(source, unique, encoder.transform),
         batch_size=batch_size,
-        num_workers=auto_num_workers(device) if num_workers is None else num_workers,
+        num_workers=workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
+        # fork on Linux, also inside a launcher's worker (joblib/loky start processes otherwise,
+        # and then need the image source to pickle)
+        multiprocessing_context="fork" if workers and sys.platform.startswith("linux") else None,
     )
     features: dict[int, torch.Tensor] = {}
     failures: list[dict] = []

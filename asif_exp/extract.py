@@ -37,8 +37,7 @@ from asif_exp.data import AnchorSet, Subset, file_hashes, load_anchors, sha_of
 from asif_exp.embeddings import Chunk, EmbeddingCache, encode_images, storage_dtype
 from asif_exp.encoders import ImageEncoder, TextEncoder, text_identity
 from asif_exp.errors import ConfigError
-from asif_exp.options import check_config
-from asif_exp.pipeline import image_cache_identity, text_cache_identity
+from asif_exp.pipeline import check_run_config, image_cache_identity, text_cache_identity
 from asif_exp.results import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ def renamed(chunk: Chunk, names: dict[str, str]) -> Chunk:
 
 def run_extract(cfg: DictConfig) -> dict:
     """Encode this job's chunks and/or merge them; returns (and writes) a report."""
-    check_config(cfg)  # extract.stage among them
+    check_run_config(cfg)  # extract.stage among them
     extract = cfg.extract
     started = time.perf_counter()
     anchors = load_anchors(cfg.anchors, cfg.paths.data_root)

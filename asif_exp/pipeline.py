@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,7 @@ from asif_exp.data import (
     Benchmark,
     CaptionedBenchmark,
     Subset,
+    check_prompt_lists,
     file_hashes,
     load_anchors,
     load_benchmark,
@@ -320,6 +322,14 @@ def run(cfg: DictConfig) -> dict:
     return run_job(cfg).to_dict()
 
 
+def check_run_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Every check of a config before any work: the schema's and `options.check_config`'s, then
+    the data layer's (the built-in prompt lists a benchmark names)."""
+    check_config(cfg, overrides)
+    if "benchmark" in cfg:
+        check_prompt_lists(cfg.benchmark)
+
+
 def run_job(cfg: DictConfig) -> RunResults | None:
     """Run one job and return its results record (also written to `<output_dir>/results.json`).
 
@@ -328,7 +338,7 @@ def run_job(cfg: DictConfig) -> RunResults | None:
     top-k pass (`asif_exp.distributed`); rank 0 alone scores, writes and returns the results,
     the others return None.
     """
-    check_config(cfg)  # before anything is read, encoded or tracked
+    check_run_config(cfg)  # before anything is read, encoded or tracked
     distributed.setup(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     check_writable_folder(output_dir, "paths.output_dir")

@@ -15,13 +15,14 @@ from scipy.stats import ortho_group
 from sklearn.cross_decomposition import CCA
 from sklearn.linear_model import Ridge
 
+from asif_exp.errors import ConfigError
 from asif_exp.methods.base import MethodReport, load_method
 from asif_exp.methods.cca import canonical_fits
 from asif_exp.methods.dense_rr import relative_space
 from asif_exp.methods.procrustes import procrustes_map
 from asif_exp.methods.ridge import ridge_maps
 from asif_exp.methods.shared_space import prefix_moments, shared_space_scores
-from asif_exp.options import ConfigError, check_config
+from asif_exp.options import check_config
 from asif_exp.pipeline import run
 from asif_exp.problem import EmbeddedProblem, Targets
 

@@ -199,7 +199,7 @@ def test_a_chunk_is_hashed_only_when_its_stamp_changed(tmp_path, monkeypatch):
 
 def test_storage_dtype_halves_the_entry_and_reads_back_float32(tmp_path):
     from asif_exp.embeddings import storage_dtype, with_storage_dtype
-    from asif_exp.options import ConfigError
+    from asif_exp.errors import ConfigError
 
     cache = EmbeddingCache(tmp_path)
     values = torch.randn(6, 4)

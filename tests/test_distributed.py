@@ -91,6 +91,7 @@ TIES_SCRIPT = textwrap.dedent(
     import json, sys, torch
     from asif_exp import distributed
     from asif_exp.methods.asif import AsifOptions, streaming_topk
+    from asif_exp.methods.asif.topk import sharded_topk
     from asif_exp.tensors import unit_rows
 
     distributed.setup("cpu")
@@ -98,7 +99,7 @@ TIES_SCRIPT = textwrap.dedent(
     queries = torch.randint(-2, 3, (23, 6), generator=generator).float()
     anchors = torch.randint(-2, 3, (997, 6), generator=generator).float()
     ns, options = [3, 50, 333, 600, 997], AsifOptions(device="cpu")
-    sharded = distributed.sharded_topk(
+    sharded = sharded_topk(
         unit_rows(queries), anchors, ns, 40, options, progress=False, normalize_anchors=True
     )
     single = streaming_topk(unit_rows(queries), unit_rows(anchors), ns, 40, options, progress=False)

@@ -37,9 +37,9 @@ import asif_exp.embeddings
 import asif_exp.explain
 import asif_exp.methods.asif.method
 from asif_exp.cli import is_user_error, one_line, run_cli, user_errors_in_one_line
-from asif_exp.data import DataError, ImageFiles, file_hashes, is_blank, to_rgb
+from asif_exp.data import ImageFiles, file_hashes, is_blank, to_rgb
 from asif_exp.embeddings import EmbeddingCache
-from asif_exp.errors import ConfigError, ModelFormatError
+from asif_exp.errors import ConfigError, DataError, ModelFormatError
 from asif_exp.memory import AsifModel, load_model
 from asif_exp.methods.asif import AsifMethod, AsifOptions, relative_representation
 from asif_exp.methods.asif.topk import TopK
@@ -226,7 +226,7 @@ def test_concurrent_writers_of_one_entry_all_succeed(tmp_path):
 def test_a_damaged_entry_met_while_saving_is_replaced(tmp_path):
     cache, identity = EmbeddingCache(tmp_path), {"kind": "x"}
     cache.save(identity, {"embeddings": torch.zeros(2, 3)}, {})
-    (cache.path(identity) / "embeddings.safetensors").write_bytes(b"damaged")
+    (cache.path(identity) / "chunk-00000.safetensors").write_bytes(b"damaged")
     cache.save(identity, {"embeddings": torch.ones(2, 3)}, {})
     assert torch.equal(cache.load(identity)[0]["embeddings"], torch.ones(2, 3))
 
@@ -242,7 +242,12 @@ def test_cache_files_are_as_readable_as_the_umask_allows(tmp_path, monkeypatch):
         modes = {p.name: p.stat().st_mode & 0o777 for p in [entry, *entry.iterdir()]}
     finally:
         os.umask(previous)
-    assert modes == {entry.name: 0o750, "embeddings.safetensors": 0o640, "meta.json": 0o640}
+    assert modes == {
+        entry.name: 0o750,
+        "chunk-00000.safetensors": 0o640,
+        "meta.json": 0o640,
+        "verified.json": 0o640,
+    }
 
 
 # ----------------------------------------------------------------------------- one-line errors

@@ -344,3 +344,12 @@ def test_a_mistake_on_the_command_line_is_one_line(tmp_path):
     [line] = done.stderr.splitlines()
     assert line.startswith("error: direction=sideways: task=retrieval has image_to_text, text_")
     assert not (tmp_path / "cache").exists()
+
+
+def test_misses_on_classification_are_wrong_predictions(tmp_path):
+    cfg = config(tmp_path, "query=misses", "num_misses=2", "usage=false", name="explain")
+    results = asif_exp.explain.explain_main(cfg)
+    queries = results["queries"]
+    assert len(queries) == 2 and all(q["predicted"] != q["label"] for q in queries)
+    assert [q["query"] for q in queries] == sorted(q["query"] for q in queries)
+    assert results["abstain"]["direction"] == "image_to_class"

@@ -238,7 +238,7 @@ def test_truncated_cache_entry_is_detected_and_recomputed(tmp_path):
         if json.loads((e / "meta.json").read_text())["shapes"]["embeddings"][0] == 30
         and json.loads((e / "meta.json").read_text())["identity"]["kind"] == "image"
     )
-    tensor_file = victim / "embeddings.safetensors"
+    tensor_file = victim / "chunk-00000.safetensors"
     tensor_file.write_bytes(tensor_file.read_bytes()[: tensor_file.stat().st_size // 2])
     second = run(config(tmp_path, output="again"))
     assert second["embeddings_from_cache"] == {

@@ -31,6 +31,7 @@ from asif_exp.data.registry import (
     ANCHOR_LOADERS,
     BENCHMARK_LOADERS,
     CAPTIONED_BENCHMARK_LOADERS,
+    check_prompt_lists,
     load_anchors,
     load_benchmark,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "balanced_subset",
     "captioned_benchmark",
     "is_blank",
+    "check_prompt_lists",
     "load_anchors",
     "load_benchmark",
     "readable_in_prefixes",

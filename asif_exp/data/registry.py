@@ -90,15 +90,15 @@ def check_prompt_lists(benchmark_cfg) -> None:
     for key, names in available.items():
         value = benchmark_cfg.get(key)
         if isinstance(value, str) and value not in names():
+            kind = key.replace("_", " ")
             raise ConfigError(
-                f"benchmark.{key}={value!r}: no built-in list of that name; known: "
+                f"benchmark.{key}={value!r}: no built-in {kind} of that name; known: "
                 f"{', '.join(names())}"
             )
 
 
 def load_benchmark(cfg, data_root: str) -> Benchmark | CaptionedBenchmark:
     """Labelled images (classification), or images with captions (retrieval: jsonl, csv)."""
-    check_prompt_lists(cfg)
     if cfg.loader in CAPTIONED_BENCHMARK_LOADERS:
         return CAPTIONED_BENCHMARK_LOADERS[cfg.loader](cfg, data_root)
     if cfg.loader not in BENCHMARK_LOADERS:

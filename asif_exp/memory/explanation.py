@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from asif_exp.memory.model import AsifModel, ModelScores, Prompts
+from asif_exp.memory.model import AsifModel, Prompts
+from asif_exp.methods.asif import ModelScores
 from asif_exp.tasks.base import QueryDirection
 from asif_exp.tasks.classification import no_overlap
 

@@ -31,7 +31,7 @@ from asif_exp.memory.figures import (
     render_usage,
     write_csv,
 )
-from asif_exp.memory.model import AsifModel, ModelScores
+from asif_exp.memory.model import AsifModel
 from asif_exp.memory.usage import (
     coverage_rows,
     explanation_counts,
@@ -40,7 +40,9 @@ from asif_exp.memory.usage import (
     usage_summary,
 )
 from asif_exp.memory.workspace import Workspace, load_workspace
-from asif_exp.options import as_list, check_config
+from asif_exp.methods.asif import ModelScores
+from asif_exp.options import as_list
+from asif_exp.pipeline import check_run_config
 from asif_exp.results import write_json_atomic
 from asif_exp.tasks.base import QueryDirection, Task, load_task
 
@@ -228,8 +230,7 @@ def _abstain(cfg, scored: ModelScores, directions: list[QueryDirection], output_
         [{"direction": d, **r} for d, rows in curves.items() for r in rows],
         output_dir / "abstain.csv",
     )
-    measure = "top-1 right (" + ", ".join(d.hit_metric for d in directions) + ")"
-    render_coverage(curves, output_dir / "abstain.png", points, measure)
+    render_coverage(curves, output_dir / "abstain.png", points, "top-1 right (accuracy, R@1)")
     return {
         name: {"no_threshold": rows[0], "at_threshold": points.get(name)}
         for name, rows in curves.items()
@@ -363,7 +364,7 @@ def explain_main(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -
     """The whole job as a plain function (Hydra only composes the config). `overrides`: the
     command line's, to refuse options a saved model (`model_dir`) would ignore."""
     started = time.perf_counter()
-    check_config(cfg, overrides)
+    check_run_config(cfg, overrides)
     output_dir = Path(cfg.paths.output_dir)
     _queries(cfg)  # a typo fails before any work
     task = load_task(cfg)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asif_exp.memory.model import AsifModel, ModelScores, Prompts
+from asif_exp.memory.model import AsifModel, Prompts
+from asif_exp.methods.asif import ModelScores
 from asif_exp.tasks.classification import no_overlap
 
 UNKNOWN = -1  # the prediction of an abstaining model

@@ -7,8 +7,8 @@ time, never all in memory (kept for the next run: delete `--workdir` afterwards)
 grid (n in 1.6M, 3.2M, 6.4M and all anchors, scaled for fewer anchors; k in 200, 800; p in 2, 8)
 for `--queries` images and `--prompts` class prompts through what `python -m asif_exp` runs on a
 cache: `EmbeddingCache.load_rows` (anchors as lazy `ChunkedRows`) and `score_grid` (one pass per
-side, sharded with `asif_exp.distributed` when several processes run it), once with 1 process and
-once with 2 (torch.distributed, gloo, 127.0.0.1), each process its own Python, as torchrun
+side, sharded by `topk.sharded_topk` when several processes run it), once with 1 process and once
+with 2 (torch.distributed, gloo, 127.0.0.1), each process its own Python, as torchrun
 starts them. The 2 CPU threads are split between the processes.
 
 Prints, per n: the time of the top-k pass to n (both sides) and of the similarity products
@@ -179,7 +179,7 @@ def worker(args: argparse.Namespace) -> None:
     predictions = {}
     for params, scores in asif.score_grid(inputs, ns, KS, PS, options, report, progress=False):
         predictions[f"{params['n']},{params['k']},{params['p']}"] = scores.argmax(1)
-    low, high = distributed.shard_range(ns[-1], rank, size)
+    low, high = topk.shard_range(ns[-1], rank, size)
     local = sorted({min(n, high) - low for n in ns if n > low})
     at_n = {}  # n -> per side (seconds, products) when this rank's share of n was done
     for n in ns:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -379,7 +380,7 @@ def streaming_topk(
 def memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) -> dict[int, TopK]:
     """Top-k snapshots from `memo` where a wide enough one exists; the rest in one pass (over
     this process's shard of the anchors, merged exactly, when several processes share it:
-    `asif_exp.distributed`)."""
+    `sharded_topk`)."""
     memo = {} if memo is None else memo
     device = options.resolved_device()
     key = (side, str(device), options.resolved_dtype(device))
@@ -387,7 +388,7 @@ def memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) ->
     found = {n: top for n, top in found.items() if top.values.shape[1] >= min(k_max, n)}
     missing = [n for n in ns if n not in found]
     if missing:
-        one_pass = streaming_topk if distributed.world_size() == 1 else distributed.sharded_topk
+        one_pass = streaming_topk if distributed.world_size() == 1 else sharded_topk
         computed = one_pass(
             unit_rows(queries),
             anchors,
@@ -402,3 +403,63 @@ def memoized_topk(memo, side, queries, anchors, ns, k_max, options, progress) ->
         found.update(computed)
         memo.update({key + (n,): top for n, top in computed.items()})
     return found
+
+
+def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Anchor ids [low, high) of `rank` among `size`: consecutive, sizes differing by at most 1."""
+    return n * rank // size, n * (rank + 1) // size
+
+
+def sharded_topk(
+    queries: Tensor,
+    anchors,
+    ns: Sequence[int],
+    k_max: int,
+    options,
+    desc: str = "top-k",
+    progress: bool = True,
+    to_cpu: bool = True,
+    normalize_anchors: bool = False,
+) -> dict:
+    """`streaming_topk` over this rank's shard of the anchors, merged exactly over all ranks:
+    every rank returns the top-k_max of each n of `ns`, as one process would compute it."""
+    me, size = distributed.rank(), distributed.world_size()
+    ns = sorted(set(ns))
+    n_max = ns[-1]
+    low, high = shard_range(n_max, me, size)
+    local_ns = sorted({min(n, high) - low for n in ns if n > low})
+    local = {}
+    if local_ns:
+        local = streaming_topk(
+            queries,
+            anchors[low:high],
+            local_ns,
+            k_max,
+            options,
+            f"{desc}, shard {me + 1}/{size}",
+            progress and me == 0,
+            to_cpu=False,
+            normalize_anchors=normalize_anchors,
+        )
+    device = options.resolved_device()
+    rows = queries.shape[0]
+    out = {}
+    for n in ns:
+        # This rank's list for n, padded to k_max (-inf never beats a similarity).
+        values = torch.full((rows, k_max), -torch.inf, device=device)
+        ids = torch.full((rows, k_max), n_max, dtype=torch.long, device=device)
+        if n > low:
+            part = local[min(n, high) - low]
+            width = part.values.shape[1]
+            values[:, :width], ids[:, :width] = part.values, part.indices + low
+        every_values = [torch.empty_like(values) for _ in range(size)]
+        every_ids = [torch.empty_like(ids) for _ in range(size)]
+        dist.all_gather(every_values, values)
+        dist.all_gather(every_ids, ids)
+        top_values, top_ids = select_topk(
+            torch.cat(every_values, 1), torch.cat(every_ids, 1), min(k_max, n)
+        )
+        if to_cpu:
+            top_values, top_ids = top_values.cpu(), top_ids.cpu()
+        out[n] = TopK(top_values, top_ids, n)
+    return out

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from asif_exp.methods.asif import select_topk
-from asif_exp.methods.asif.cpu_kernels import MAX_WIDTH, append_above, grouped_products, keep_top
+from asif_exp.methods.asif.cpu_kernels import (
+    MAX_WIDTH,
+    MKL_VECTOR,
+    append_above,
+    grouped_products,
+    keep_top,
+)
 
 
 @pytest.mark.parametrize("levels", [None, 7, 1], ids=["distinct", "many-ties", "two-values"])
@@ -86,6 +92,40 @@ def test_grouped_products_are_each_groups_best_target_score(width):
         torch.testing.assert_close(got[w, :, :3], expected)
         assert bool((got[w, 0, :3] == 0).all())  # the empty row scores 0
         assert bool((got[w, :, 3] == -torch.inf).all())  # a group without targets
+
+
+@pytest.mark.parametrize("fused_tail", [False, True])
+def test_grouped_products_round_as_a_sequential_sum_in_anchor_order(fused_tail):
+    # Each anchor's target entries: vectors of MKL_VECTOR (multiply, round, add, round), then
+    # with `fused_tail` the leftovers in one rounding (the exact float64 product plus the sum,
+    # rounded to float32: the fused multiply-add, save a double rounding too rare to matter).
+    g = torch.Generator().manual_seed(5)
+    images, n, targets = 6, 40, 2 * MKL_VECTOR + 5
+    image_dense, image_crow, image_col = _random_csr(g, images, n, 0.5)
+    target_dense, target_crow, target_row = _random_csr(g, n, targets, 0.6)
+    got = grouped_products(
+        image_crow,
+        image_col,
+        image_dense[image_dense != 0][None],
+        target_crow,
+        target_row,
+        target_dense[target_dense != 0][:, None],
+        torch.arange(targets, dtype=torch.int32),
+        targets,
+        fused_tail,
+    )
+    expected = torch.zeros(images, targets)
+    for row in range(images):
+        for anchor in image_dense[row].nonzero()[:, 0].tolist():
+            cols = target_dense[anchor].nonzero()[:, 0].tolist()
+            tail = len(cols) - len(cols) % MKL_VECTOR if fused_tail else len(cols)
+            for i, t in enumerate(cols):
+                term = image_dense[row, anchor].double() * target_dense[anchor, t].double()
+                if i < tail:
+                    expected[row, t] += term.float()
+                else:
+                    expected[row, t] = (expected[row, t].double() + term).float()
+    assert torch.equal(got[0], expected)
 
 
 def test_grouped_products_refuse_mismatched_or_too_many_value_sets():

@@ -56,36 +56,62 @@ def render_explanation(
         truth = f"\ntrue: {names[explanation.label]}"
     query_axis.set_title(f"{title}\npredicted: {classes[0].class_name}{truth}", fontsize=9)
     for row, explained in enumerate(classes):
-        shown = explained.contributions[:top_anchors]
-        for column, contribution in enumerate(shown, start=1):
-            axis = figure.add_subplot(grid[row, column])
-            image = anchor_image(contribution.id)
-            if image is not None:
-                axis.imshow(image)
-            axis.set_xticks([])
-            axis.set_yticks([])
-            axis.set_title(
-                f"#{contribution.anchor}  {contribution.contribution / explained.score:.0%}"
-                if explained.score
-                else f"#{contribution.anchor}",
-                fontsize=7,
-            )
-            axis.set_xlabel(textwrap.fill(contribution.caption, 24)[:140], fontsize=6)
-        bars = figure.add_subplot(grid[row, -1])
-        # Bars for the drawn anchors; the others' share is in the title (it can dwarf them).
-        values = [c.contribution for c in shown]
-        others = len(explained.contributions) - len(shown)
-        rest = explained.score - sum(values)
-        bars.barh(range(len(shown)), values, color="tab:blue")
-        bars.set_yticks(range(len(shown)), [f"#{c.anchor}" for c in shown], fontsize=7)
-        bars.invert_yaxis()
-        bars.tick_params(axis="x", labelsize=7)
+        bars, others, rest = _anchor_row(
+            figure,
+            grid,
+            row,
+            1,
+            explained.contributions,
+            top_anchors,
+            explained.score,
+            anchor_image,
+        )
         kind = "winner" if row == 0 else "runner-up"
         share = f"{others} other anchors: {rest / explained.score:.0%}" if explained.score else ""
         bars.set_title(
             f"{kind}: {explained.class_name}, score {explained.score:.4f}\n{share}", fontsize=8
         )
     _save_figure(figure, path)
+
+
+def _anchor_row(
+    figure,
+    grid,
+    row,
+    first_column,
+    contributions,
+    top_anchors,
+    score,
+    anchor_image,
+    color="tab:blue",
+):
+    """Row `row` of an explanation figure's `grid`: the first `top_anchors`
+    pairs (image, caption, share of `score`) from `first_column` on, then a bar per pair's
+    contribution in the last cell. Returns (the bars' axis, how many pairs are not drawn,
+    their summed contribution)."""
+    shown = contributions[:top_anchors]
+    for column, contribution in enumerate(shown, start=first_column):
+        axis = figure.add_subplot(grid[row, column])
+        picture = anchor_image(contribution.id)
+        if picture is not None:
+            axis.imshow(picture)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_title(
+            f"#{contribution.anchor}  {contribution.contribution / score:.0%}"
+            if score
+            else f"#{contribution.anchor}",
+            fontsize=7,
+        )
+        axis.set_xlabel(textwrap.fill(contribution.caption, 24)[:140], fontsize=6)
+    bars = figure.add_subplot(grid[row, -1])
+    # Bars for the drawn anchors; the others' share is in the title (it can dwarf them).
+    values = [c.contribution for c in shown]
+    bars.barh(range(len(shown)), values, color=color)
+    bars.set_yticks(range(len(shown)), [f"#{c.anchor}" for c in shown], fontsize=7)
+    bars.invert_yaxis()
+    bars.tick_params(axis="x", labelsize=7)
+    return bars, len(contributions) - len(shown), score - sum(values)
 
 
 def render_coverage(
@@ -208,30 +234,18 @@ def render_match_explanation(
         candidate_axis.set_title(
             f"{explained.why} (#{candidate.index}, rank {candidate.rank}, {mark})", fontsize=7
         )
-        shown = explained.contributions[:top_anchors]
-        for column, contribution in enumerate(shown, start=2):
-            axis = figure.add_subplot(grid[row, column])
-            picture = anchor_image(contribution.id)
-            if picture is not None:
-                axis.imshow(picture)
-            axis.set_xticks([])
-            axis.set_yticks([])
-            axis.set_title(
-                f"#{contribution.anchor}  {contribution.contribution / candidate.score:.0%}"
-                if candidate.score
-                else f"#{contribution.anchor}",
-                fontsize=7,
-            )
-            axis.set_xlabel(textwrap.fill(contribution.caption, 24)[:140], fontsize=6)
-        bars = figure.add_subplot(grid[row, -1])
-        values = [c.contribution for c in shown]
-        others = len(explained.contributions) - len(shown)
-        rest = candidate.score - sum(values)
-        bars.barh(range(len(shown)), values, color="tab:blue" if candidate.right else "tab:red")
-        bars.set_yticks(range(len(shown)), [f"#{c.anchor}" for c in shown], fontsize=7)
-        bars.invert_yaxis()
+        bars, others, rest = _anchor_row(
+            figure,
+            grid,
+            row,
+            2,
+            explained.contributions,
+            top_anchors,
+            candidate.score,
+            anchor_image,
+            color="tab:blue" if candidate.right else "tab:red",
+        )
         bars.xaxis.set_major_locator(MaxNLocator(4))
-        bars.tick_params(axis="x", labelsize=7)
         share = f"{others} other anchors: {rest / candidate.score:.0%}" if candidate.score else ""
         bars.set_title(f"image x caption entries, score {candidate.score:.4f}\n{share}", fontsize=8)
     _save_figure(figure, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,3 +65,19 @@ def subprocess_env(**extra: str) -> dict:
     copy the virtual environment was installed from, e.g. another git worktree)."""
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def shapes_pairs_file(folder: Path, images: int = 20) -> Path:
+    """A retrieval benchmark of drawn shapes, two captions per image, in a pairs file."""
+    from asif_exp.data.synthetic import render, sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(images):
+        item = sample(seed=0, index=2_000_000 + i)  # disjoint from the synthetic anchors
+        render(item, 96).save(folder / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": item.caption})
+        rows.append({"image": f"{i}.png", "caption": f"a {item.colour} {item.shape}"})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

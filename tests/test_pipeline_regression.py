@@ -29,9 +29,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, compose_config, require_shared_data
+from conftest import SHARED_DATA, TINY, compose_config, require_shared_data, shapes_pairs_file
 
-from asif_exp.data.synthetic import render, sample
 from asif_exp.pipeline import run
 from asif_exp.results import read_results
 
@@ -39,15 +38,8 @@ DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "pre_refactor_cells.json").read_text())
 RECORDED = DATA / "regression_cells.json"
 
-# The embedded default at a size that encodes in seconds (as conftest.TINY, without k and p).
-EMBEDDED = [
-    "anchors.num_samples=150",
-    "benchmark.num_samples=60",
-    "anchors.image_size=96",
-    "benchmark.image_size=96",
-    "encoder.vision.resize_size=96",
-    "encoder.vision.crop_size=96",
-]
+# The embedded default at a size that encodes in seconds (conftest.TINY without k, p, progress).
+EMBEDDED = [o for o in TINY if not o.startswith(("asif.", "progress="))]
 PAIRS_BENCHMARK = [
     "benchmark=flickr8k",
     "benchmark.path={pairs}",
@@ -92,20 +84,6 @@ CASES = {
     ],
 }
 NEEDS_SHARED_DATA = {"flickr8k_retrieval"}
-
-
-def shapes_pairs_file(folder: Path, images: int = 20) -> Path:
-    """A retrieval benchmark of drawn shapes, two captions per image, in a pairs file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(images):
-        item = sample(seed=0, index=2_000_000 + i)  # disjoint from the synthetic anchors
-        render(item, 96).save(folder / f"{i}.png")
-        rows.append({"image": f"{i}.png", "caption": item.caption})
-        rows.append({"image": f"{i}.png", "caption": f"a {item.colour} {item.shape}"})
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def run_case(name: str, out_dir: Path, cache_dir: Path):

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import CONF_DIR, TINY, compose_config, require_shared_data
+from conftest import CONF_DIR, TINY, compose_config, require_shared_data, shapes_pairs_file
 from fake_results import write_results
 from hydra import compose, initialize_config_dir
 from reference import dense_asif
@@ -176,21 +176,9 @@ def test_flickr8k_test_split_is_1000_images_with_5_captions_each():
     assert not anchor_images & set(bench.images.ids)  # anchors=flickr8k never sees them
 
 
-def _shapes_pairs_file(folder, images: int) -> None:
-    """A retrieval benchmark of drawn shapes, two captions per image, in a pairs file."""
-    folder.mkdir()
-    rows = []
-    for i in range(images):
-        item = sample(seed=0, index=2_000_000 + i)  # disjoint from the synthetic anchors
-        render(item, 96).save(folder / f"{i}.png")
-        rows.append({"image": f"{i}.png", "caption": item.caption})
-        rows.append({"image": f"{i}.png", "caption": f"a {item.colour} {item.shape}"})
-    _write_pairs(folder / "pairs.jsonl", rows)
-
-
 def test_a_retrieval_run_end_to_end(tmp_path, tiny_cache_dir):
     images = 20
-    _shapes_pairs_file(tmp_path / "bench", images)
+    shapes_pairs_file(tmp_path / "bench", images)
     overrides = [
         *TINY,
         f"paths.cache_dir={tiny_cache_dir}",
@@ -222,7 +210,7 @@ def test_a_retrieval_run_end_to_end(tmp_path, tiny_cache_dir):
 
 
 def test_task_and_benchmark_must_fit_before_anything_is_encoded(tmp_path):
-    _shapes_pairs_file(tmp_path / "bench", 2)
+    shapes_pairs_file(tmp_path / "bench", 2)
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match="task=retrieval needs a benchmark of image-caption pairs"):
         run(compose_config([*TINY, "task=retrieval", f"paths.cache_dir={cache}"], tmp_path / "a"))

@@ -42,6 +42,7 @@ class VisionEncoderConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     batch_size: int = 32
     num_workers: int | None = None  # DataLoader workers; null: embeddings.auto_num_workers
+    cpu_streams: int | None = None  # batches encoded at once on CPU; null: auto_cpu_streams
     precision: str = "float32"  # autocast dtype on GPU: float32, float16, bfloat16
 
 

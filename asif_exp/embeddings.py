@@ -33,11 +33,13 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Full, Queue
 
 import torch
 from safetensors import safe_open
@@ -511,16 +513,64 @@ def _collate(batch):
 
 
 def auto_num_workers(device: torch.device) -> int:
-    """DataLoader workers for `encoder.vision.num_workers: null`. On CPU the model and the
-    workers share the cores; preprocessing is a few % of the model's time on a free machine, but
-    done in the main process it stalls the model, and on a busy one it gets a single thread's
-    share (experiments/bench/README.md: 0.55x of the model alone without a worker, 0.96x with
-    one, 2 cores): one worker per 8 cores, at least one. On GPU the CPU only decodes and resizes:
-    every core but one, at most 16."""
+    """DataLoader worker processes for `encoder.vision.num_workers: null`. On CPU the model and
+    the preprocessing share the cores; one thread of this process reads and preprocesses the
+    next batch while the model runs (`prefetched`), which on few cores beats a worker process (no
+    process start, no batch copied between processes; experiments/bench/README.md, 2 cores:
+    0.95x the model alone against 0.80x with one worker): no worker below 16 cores, then one per
+    16. On GPU the CPU only decodes and resizes: every core but one, at most 16."""
     cores = len(os.sched_getaffinity(0))
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))
-    return max(1, cores // 8)
+    return cores // 16
+
+
+class _Raised:
+    """An exception of the producing thread, handed to the consumer to raise."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """`items` as a background thread produces them, up to `depth` ahead. Batches read and
+    preprocessed by that thread (PIL's decoding and resizing and torch's kernels release the
+    GIL) are ready when the model, in the calling thread, finishes the one before. An error in
+    the thread is raised here; when the consumer stops early, the thread stops too."""
+    iterator = iter(items)  # DataLoader workers fork here, in the calling thread
+    queue: Queue = Queue(depth)
+    stopped = threading.Event()
+    end = object()
+
+    def offer(item) -> bool:
+        while not stopped.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if not offer(item):
+                    return
+        except BaseException as error:  # noqa: BLE001 (re-raised in the consumer)
+            offer(_Raised(error))
+            return
+        offer(end)
+
+    thread = threading.Thread(target=produce, name="asif-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not end:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stopped.set()
+        thread.join()
 
 
 def encode_images(
@@ -533,8 +583,9 @@ def encode_images(
     progress: bool = True,
 ) -> tuple[torch.Tensor, list[int], list[dict]]:
     """Features of every readable image of `source`, each distinct id encoded once; images are
-    read and preprocessed by `num_workers` DataLoader workers (None: `auto_num_workers`), in
-    pinned memory when the encoder is on a GPU.
+    read and preprocessed by `num_workers` DataLoader workers (None: `auto_num_workers`; 0: a
+    thread of this process), in pinned memory when the encoder is on a GPU, while the model
+    encodes the batch before (`prefetched`).
 
     Returns (embeddings of the kept images, kept indices, failures [{id, error}]).
     """
@@ -560,15 +611,20 @@ def encode_images(
     with tqdm(
         total=len(unique), desc=f"encoding {description}", unit="img", disable=not progress
     ) as bar:
-        for indices, pixels, failed in loader:
-            for index, error in failed:
-                failure = {"id": source.ids[index], "error": error}
-                refuse_bad_images([failure], on_bad_image, description)
-                failures.append(failure)
-            if indices:
-                encoded = encoder.encode_pixels(pixels)
-                features.update(zip(indices, encoded, strict=True))
-            bar.update(len(indices) + len(failed))
+
+        def readable():
+            for indices, pixels, failed in prefetched(loader):
+                for index, error in failed:
+                    failure = {"id": source.ids[index], "error": error}
+                    refuse_bad_images([failure], on_bad_image, description)
+                    failures.append(failure)
+                bar.update(len(failed))
+                if indices:
+                    yield indices, pixels
+
+        for indices, encoded in encoder.encode_batches(readable()):
+            features.update(zip(indices, encoded, strict=True))
+            bar.update(len(indices))
     kept = [i for i, image_id in enumerate(source.ids) if first_of_id[image_id] in features]
     if not kept:
         raise ValueError(f"{description}: no readable image among {len(source)}")

@@ -14,7 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
+from asif_exp.allocator import reused_allocations
 from asif_exp.tensors import resolve_device
 
 log = logging.getLogger(__name__)
@@ -304,6 +308,28 @@ def prepare_for_inference(model: nn.Module, crop_size: int) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+def auto_cpu_streams() -> int:
+    """Batches encoded at once on CPU for `encoder.vision.cpu_streams: null`: two, each on half
+    of torch's threads. A convolutional network's layers scale poorly across threads (the
+    threads wait for each other at every layer), so two independent batches on one thread each
+    outrun one batch on two (experiments/bench/README.md: 1.2-1.3x for EfficientNet-Lite0 on 2
+    cores), and a stream that loses its core for a moment to the preprocessing delays only
+    itself."""
+    return 2 if torch.get_num_threads() >= 2 else 1
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` inside the block; the threads started inside it
+    (a thread takes torch's count at its first parallel operation) keep it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class ImageEncoder:
     def __init__(self, cfg, device: str = "auto"):
         if cfg.name not in IMAGE_MODELS:
@@ -314,6 +340,9 @@ class ImageEncoder:
         self.preprocessing = Preprocessing.from_config(cfg)
         self.transform = self.preprocessing.transform()
         self.precision = str(cfg.get("precision", "float32"))
+        # On GPU one stream: the device runs the batches one after the other anyway.
+        streams = cfg.get("cpu_streams")
+        self.streams = 1 if self.device.type != "cpu" else streams or auto_cpu_streams()
         for mismatch in preprocessing_mismatches(cfg):
             log.warning("encoder/vision %s: %s", cfg.model_name, mismatch)
         model = prepare_for_inference(IMAGE_MODELS[cfg.name](cfg), self.preprocessing.crop_size)
@@ -330,6 +359,32 @@ class ImageEncoder:
         with torch.autocast("cuda", dtype=getattr(torch, self.precision), enabled=autocast):
             features = self.model(pixels)
         return features.float().cpu()
+
+    def encode_batches(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> Iterator[tuple]:
+        """(key, features) for each (key, pixels) of `batches`, in their order, `self.streams`
+        batches at a time, each on its share of torch's threads. A batch's features are those
+        of the batch alone on that many threads; oneDNN may pick other kernels for another
+        thread count, so they can differ from a one-stream run in the last bits, as between
+        machines with other core counts (for EfficientNet-Lite0 at 224 px they do not:
+        experiments/bench/README.md)."""
+        if self.device.type != "cpu":
+            for key, pixels in batches:
+                yield key, self.encode_pixels(pixels)
+            return
+        threads = max(1, torch.get_num_threads() // self.streams)
+        with (
+            reused_allocations(),
+            torch_threads(threads),
+            ThreadPoolExecutor(self.streams, thread_name_prefix="asif-encode") as pool,
+        ):
+            pending: deque = deque()
+            for key, pixels in batches:
+                pending.append((key, pool.submit(self.encode_pixels, pixels)))
+                if len(pending) == self.streams:
+                    done_key, features = pending.popleft()
+                    yield done_key, features.result()
+            for done_key, features in pending:
+                yield done_key, features.result()
 
 
 # ----------------------------------------------------------------------------- text

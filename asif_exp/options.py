@@ -78,6 +78,7 @@ INTEGER_OPTIONS: dict[str, tuple[int, int | None, bool]] = {
     "encoder.vision.resize_size": (1, None, False),
     "encoder.vision.crop_size": (1, None, False),
     "encoder.vision.num_workers": (0, None, True),
+    "encoder.vision.cpu_streams": (1, None, True),
     "encoder.text.batch_size": (1, None, False),
     "encoder.text.max_seq_length": (1, None, True),
     "extract.chunk_size": (1, None, False),

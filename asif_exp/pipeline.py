@@ -398,6 +398,7 @@ NOT_AFFECTING_RESULTS = (
     "skip_existing",
     "sweep_name",
     "encoder.vision.num_workers",
+    "encoder.vision.cpu_streams",
 )
 
 

@@ -2,12 +2,16 @@
 
 import csv
 import os
+import resource
+import sys
+import threading
 
 import pytest
 import torch
 from conftest import SHARED_DATA, compose_config, require_shared_data
 
-from asif_exp.embeddings import auto_num_workers
+from asif_exp.allocator import reused_allocations
+from asif_exp.embeddings import auto_num_workers, prefetched
 from asif_exp.encoders import (
     IMAGE_MODELS,
     INFERENCE_FORM,
@@ -16,6 +20,7 @@ from asif_exp.encoders import (
     TextEncoder,
     fold_batchnorm,
     list_encoders,
+    torch_threads,
     vision_identity,
 )
 
@@ -137,5 +142,76 @@ def test_image_encoder_agrees_with_the_plain_module_and_says_so_in_its_identity(
 
 def test_auto_num_workers():
     cores = len(os.sched_getaffinity(0))
-    assert auto_num_workers(torch.device("cpu")) == max(1, cores // 8)
+    assert auto_num_workers(torch.device("cpu")) == cores // 16
     assert 1 <= auto_num_workers(torch.device("cuda")) <= 16
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "asif-prefetch"]
+
+
+def test_prefetched_yields_in_order_raises_the_producers_error_and_stops_with_the_consumer():
+    assert list(prefetched(range(10), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetched(failing()))
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    for item in prefetched(endless(), depth=2):
+        if item == 3:
+            break
+    assert not _prefetch_threads()  # the producer stopped with the consumer
+    assert len(produced) <= 3 + 1 + 2 + 1  # the consumed ones, the queue's depth, one in hand
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_encode_batches_gives_each_batch_its_own_features_in_order(streams):
+    cfg = compose_config(
+        ["encoder.vision.crop_size=64", "encoder.vision.resize_size=64"]
+    ).encoder.vision
+    encoder = ImageEncoder(cfg, "cpu")
+    encoder.streams = streams
+    generator = torch.Generator().manual_seed(0)
+    batches = [(f"b{i}", torch.randn(2 + i % 3, 3, 64, 64, generator=generator)) for i in range(7)]
+    threads = torch.get_num_threads()
+    encoded = list(encoder.encode_batches(batches))
+    assert torch.get_num_threads() == threads  # the streams' thread count is undone
+    assert [key for key, _ in encoded] == [key for key, _ in batches]
+    with torch_threads(max(1, threads // streams)):
+        for (_, features), (_, pixels) in zip(encoded, batches, strict=True):
+            # the same bits as the batch alone on a stream's share of the threads
+            assert torch.equal(features, encoder.encode_pixels(pixels))
+
+
+def test_cpu_streams_come_from_the_config_and_are_one_on_a_gpu_or_by_default_two():
+    cfg = compose_config(["encoder.vision.cpu_streams=3"]).encoder.vision
+    assert ImageEncoder(cfg, "cpu").streams == 3
+    default = ImageEncoder(compose_config([]).encoder.vision, "cpu")
+    assert default.streams == (2 if torch.get_num_threads() >= 2 else 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_reused_allocations_keep_a_freed_block_for_the_next_batch():
+    """A freed 256 MiB block (a batch's activations) is reused, not mapped and faulted in
+    again; outside the block glibc maps it fresh, page by page."""
+
+    def faults_of_a_fresh_block() -> int:
+        torch.ones(1 << 26).sum()  # allocated, touched, freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(1 << 26).sum()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    pages = (1 << 28) // resource.getpagesize()
+    assert faults_of_a_fresh_block() > pages // 2
+    with reused_allocations():
+        assert faults_of_a_fresh_block() < pages // 20
+    assert faults_of_a_fresh_block() > pages // 2

@@ -18,6 +18,7 @@ LAYERS = [
     # typed records that flow between the stages
     [
         "asif_exp",
+        "asif_exp.allocator",
         "asif_exp.errors",
         "asif_exp.cli",
         "asif_exp.tensors",

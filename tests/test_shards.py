@@ -194,8 +194,8 @@ class _MeanColour:
         return torch.tensor(image.resize((1, 1)).getpixel((0, 0)), dtype=torch.float32)
 
     @staticmethod
-    def encode_pixels(pixels):
-        return pixels
+    def encode_batches(batches):
+        yield from batches
 
 
 def test_skip_failed_downloads_skips_listed_failures_but_not_corrupt_bytes(tmp_path):

@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision", default="efficientnet_lite0", help="encoder/vision configs")
     parser.add_argument("--text", default="minilm_l6", help="encoder/text config ('' to skip)")
     parser.add_argument("--cifar", type=int, default=256, help="CIFAR-10 test images")
-    parser.add_argument("--flickr", type=int, default=128, help="Flickr8k test images")
+    parser.add_argument("--flickr", type=int, default=256, help="Flickr8k test images")
     parser.add_argument("--captions", type=int, default=640, help="Flickr8k test captions")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of interleaved variants")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of interleaved variants")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, help="image batch size (default: the config's)")
     parser.add_argument(
@@ -153,6 +153,17 @@ class TodaysPath:
 # ----------------------------------------------------------------------------- measurements
 
 
+def encode_batches(encoder: ImageEncoder, batches: list, streams: int | None = None):
+    """The encoder on batches preprocessed in advance, as the pipeline calls it (`streams`
+    batches at a time, freed memory reused), on `streams` streams if given."""
+    configured = encoder.streams
+    encoder.streams = streams or configured
+    try:
+        return torch.cat([features for _, features in encoder.encode_batches(enumerate(batches))])
+    finally:
+        encoder.streams = configured
+
+
 def timed(fn, device: torch.device):
     sync(device)
     start = time.perf_counter()
@@ -193,6 +204,7 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
         "random_weights": random_weights,
         "batch_size": batch_size,
         "num_workers": workers,
+        "streams": encoder.streams,
         "sets": {},
     }
     for set_name, source in sets.items():
@@ -207,7 +219,11 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
             "preprocessing alone": lambda source=source: [
                 encoder.transform(source.load(i)) for i in range(len(source))
             ],
-            "model alone": lambda batches=batches: torch.cat(
+            "model alone": lambda batches=batches: encode_batches(encoder, batches),
+            "model alone, one stream": lambda batches=batches: encode_batches(
+                encoder, batches, streams=1
+            ),
+            "model alone, glibc defaults": lambda batches=batches: torch.cat(
                 [encoder.encode_pixels(b) for b in batches]
             ),
             "today's model alone": lambda batches=batches: torch.cat(
@@ -242,7 +258,16 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
             "speedup_over_today": ratio_summary(seconds["today's path"], seconds["pipeline"]),
             "pipeline_over_model": ratio_summary(seconds["model alone"], seconds["pipeline"]),
             "model_speedup": ratio_summary(seconds["today's model alone"], seconds["model alone"]),
+            "streams_speedup": ratio_summary(
+                seconds["model alone, one stream"], seconds["model alone"]
+            ),
+            "allocator_speedup": ratio_summary(
+                seconds["model alone, glibc defaults"], seconds["model alone, one stream"]
+            ),
             "min_cosine_to_today": float(cosine.min()),
+            "streams_same_bits": torch.equal(
+                outputs["model alone"], outputs["model alone, one stream"]
+            ),
             "max_abs_difference_to_today": float(
                 (outputs["pipeline"] - outputs["today's path"]).abs().max()
             ),
@@ -299,7 +324,7 @@ def print_images(report: dict) -> None:
     tag = " (random weights: timing only)" if report["random_weights"] else ""
     print(
         f"\n{report['config']} ({report['model_name']}{tag}), batch {report['batch_size']}, "
-        f"pipeline with {report['num_workers']} DataLoader workers"
+        f"{report['streams']} streams, pipeline with {report['num_workers']} DataLoader workers"
     )
     for set_name, result in report["sets"].items():
         print_set(set_name, result)
@@ -320,6 +345,13 @@ def print_set(set_name: str, result: dict) -> None:
     )
     print(f"    pipeline / model alone: {p['median']:.2f}x (rounds {p['min']:.2f}-{p['max']:.2f})")
     print(f"    model alone / today's model alone: {m['median']:.2f}x")
+    print(f"    model alone / the same on one stream: {result['streams_speedup']['median']:.2f}x")
+    print(
+        f"    one stream / the same with glibc's defaults: "
+        f"{result['allocator_speedup']['median']:.2f}x"
+    )
+    same = "the same bits" if result["streams_same_bits"] else "not the same bits"
+    print(f"    model alone on its streams and on one stream: {same}")
     print(
         f"    embeddings against today's path: lowest cosine "
         f"{result['min_cosine_to_today']:.7f}, largest |difference| "

@@ -514,15 +514,16 @@ def _collate(batch):
 
 def auto_num_workers(device: torch.device) -> int:
     """DataLoader worker processes for `encoder.vision.num_workers: null`. On CPU the model and
-    the preprocessing share the cores; one thread of this process reads and preprocesses the
-    next batch while the model runs (`prefetched`), which on few cores beats a worker process (no
-    process start, no batch copied between processes; experiments/bench/README.md, 2 cores:
-    0.95x the model alone against 0.80x with one worker): no worker below 16 cores, then one per
-    16. On GPU the CPU only decodes and resizes: every core but one, at most 16."""
+    the preprocessing share the cores: preprocessing a Flickr8k image takes about a sixth of
+    the core time EfficientNet-Lite0's forward pass does (3 against 19 ms), so one worker per 8
+    cores; below 8 none: a thread of this process preprocesses the next batch while the model
+    runs (`prefetched`), which on 2 cores beats a worker process (no process start, no batch
+    copied between processes; experiments/bench/README.md). On GPU the CPU only decodes and
+    resizes: every core but one, at most 16."""
     cores = len(os.sched_getaffinity(0))
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))
-    return cores // 16
+    return cores // 8
 
 
 class _Raised:

@@ -310,11 +310,11 @@ def prepare_for_inference(model: nn.Module, crop_size: int) -> nn.Module:
 
 def auto_cpu_streams() -> int:
     """Batches encoded at once on CPU for `encoder.vision.cpu_streams: null`: two, each on half
-    of torch's threads. A convolutional network's layers scale poorly across threads (the
-    threads wait for each other at every layer), so two independent batches on one thread each
-    outrun one batch on two (experiments/bench/README.md: 1.2-1.3x for EfficientNet-Lite0 on 2
-    cores), and a stream that loses its core for a moment to the preprocessing delays only
-    itself."""
+    of torch's threads. The threads of one batch wait for each other at every layer, so a
+    thread that loses its core for a moment to the preprocessing stalls them all; two
+    independent batches on half the threads each lose only their own time, and scale better
+    (experiments/bench/README.md: EfficientNet-Lite0 on 2 cores, 1.1x the model alone on one
+    stream, and the pipeline's speed from 0.8x to 0.9x of the model alone's)."""
     return 2 if torch.get_num_threads() >= 2 else 1
 
 

@@ -5,23 +5,30 @@ images and Flickr8k test images from `../shared/data` (`ASIF_DATA_ROOT`), and fo
 encoder (default all-MiniLM-L6-v2) on Flickr8k test captions, it times in one run, interleaved
 and repeated (the CPU machines are shared, so load varies):
 
-- **preprocessing alone**: reading, decoding and preprocessing the images in the main process
-  (one core's rate: what a DataLoader worker delivers);
-- **model alone**: the encoder as `python -m asif_exp` builds it, on tensors preprocessed in
-  advance (batches of the config's batch size; on GPU the host-to-device copy is included);
+- **preprocessing alone**: reading, decoding and preprocessing the images in the main process;
+- **model alone**: the encoder as `python -m asif_exp` builds and calls it
+  (`ImageEncoder.encode_batches`: on CPU `cpu_streams` batches at once, freed memory reused),
+  on tensors preprocessed in advance, in batches of the config's batch size (on GPU the
+  host-to-device copy is included);
+- **model alone, one stream**: the same on one stream (what the streams add);
+- **model alone, glibc defaults**: `encode_pixels` batch after batch, outside
+  `allocator.reused_allocations` (what keeping freed memory adds; glibc's thresholds then sit
+  where `reused_allocations` leaves them, its own adjustment's ceiling);
 - **pipeline**: `asif_exp.embeddings.encode_images` with that encoder, as `python -m asif_exp`
   runs it (the config's batch size and `num_workers`; null: `auto_num_workers`), from image
-  files to features; `--workers 0,1` adds the same path with those DataLoader worker counts;
-- **today's path**: the path before this change, re-implemented here as it was (float32 NCHW
+  files to features; **pipeline, one stream** the same on one stream; `--workers 0,1` adds the
+  same path with those DataLoader worker counts;
+- **today's path**: the path before issue 23, re-implemented here as it was (float32 NCHW
   timm module with its batch norms, `num_workers=0`, images read and preprocessed in the main
   process between forward passes, stacked there, then `model(pixels.to(device))`).
 
 It prints images/s (median and min-max over the repeats), `encoding speed-up over today's path`
 (today's time / the pipeline's, the median of the per-round ratios, and their range),
-`pipeline / model alone`, and the lowest cosine between an image's embedding from the pipeline
-and from today's path. Encoder configs whose weights come from the hub (`name: timm`: the
-paper's ViT-B/16, DINO ViT-S/8) are timed with random weights (`encoders.build_architecture`:
-timing only, offline); their configured precision applies on GPU.
+`pipeline / model alone`, whether the streams give the same bits as one stream, and the lowest
+cosine between an image's embedding from the pipeline and from today's path. Encoder configs
+whose weights come from the hub (`name: timm`: the paper's ViT-B/16, DINO ViT-S/8) are timed
+with random weights (`encoders.build_architecture`: timing only, offline); their configured
+precision applies on GPU.
 
     python experiments/bench/bench_encoding.py                       # CPU, Lite0 + MiniLM
     python experiments/bench/bench_encoding.py --vision efficientnet_lite0,vit_b16_in21k_miil
@@ -188,6 +195,14 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
+def encode_on_one_stream(encoder: ImageEncoder, source, batch_size: int, workers: int):
+    configured, encoder.streams = encoder.streams, 1
+    try:
+        return encode_images(encoder, source, batch_size, workers, "raise", "bench", False)[0]
+    finally:
+        encoder.streams = configured
+
+
 def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> dict:
     """Every variant on every image set, interleaved, `args.repeats` rounds."""
     cfg = compose([f"encoder/vision={vision_name}"]).encoder.vision
@@ -234,6 +249,10 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
             )[0],
             "today's path": lambda source=source: today.encode(source, batch_size),
         }
+        if encoder.streams > 1:
+            variants["pipeline, one stream"] = lambda source=source: encode_on_one_stream(
+                encoder, source, batch_size, workers
+            )
         for extra in args.workers:
             if extra != workers:
                 variants[f"pipeline, {extra} workers"] = lambda source=source, extra=extra: (

@@ -2,7 +2,8 @@
 # Figure 4 on real data: Flickr8k train + dev (30,000 pairs) as anchors, n from 1,000 to 30,000,
 # the paper's k and p; CIFAR-10 (10,000) and ImageNet-mini (2,300) top-1, Flickr8k test retrieval.
 # One engine pass per benchmark, EfficientNet-Lite0 + all-MiniLM-L6-v2 from the embedding cache
-# (encoding everything the first time takes about 15 minutes of a free 2-core CPU).
+# (the first time, encoding included, the two sweeps took 278 s and 104 s on a free 2-core CPU,
+# 2026-12-07; experiments/bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -365,8 +365,8 @@ class ImageEncoder:
         batches at a time, each on its share of torch's threads. A batch's features are those
         of the batch alone on that many threads; oneDNN may pick other kernels for another
         thread count, so they can differ from a one-stream run in the last bits, as between
-        machines with other core counts (for EfficientNet-Lite0 at 224 px they do not:
-        experiments/bench/README.md)."""
+        machines with other core counts (EfficientNet-Lite0 at 224 px: full batches of 32 do
+        not, a last batch of 8 does; experiments/bench/README.md)."""
         if self.device.type != "cpu":
             for key, pixels in batches:
                 yield key, self.encode_pixels(pixels)

@@ -5,7 +5,8 @@ images and Flickr8k test images from `../shared/data` (`ASIF_DATA_ROOT`), and fo
 encoder (default all-MiniLM-L6-v2) on Flickr8k test captions, it times in one run, interleaved
 and repeated (the CPU machines are shared, so load varies):
 
-- **preprocessing alone**: reading, decoding and preprocessing the images in the main process;
+- **preprocessing alone**: reading, decoding and preprocessing the images on one thread, as
+  the prefetch thread does (torch's operations on one thread, freed memory reused);
 - **model alone**: the encoder as `python -m asif_exp` builds and calls it
   (`ImageEncoder.encode_batches`: on CPU `cpu_streams` batches at once, freed memory reused),
   on tensors preprocessed in advance, in batches of the config's batch size (on GPU the
@@ -52,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from asif_exp.allocator import reused_allocations  # noqa: E402
 from asif_exp.embeddings import auto_num_workers, encode_images  # noqa: E402
 from asif_exp.encoders import (  # noqa: E402
     IMAGE_MODELS,
@@ -60,6 +62,7 @@ from asif_exp.encoders import (  # noqa: E402
     TextEncoder,
     build_architecture,
     register_image_model,
+    torch_threads,
 )
 
 RANDOM_WEIGHTS = "bench_random_weights"
@@ -195,6 +198,12 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
+def preprocess_on_one_thread(encoder: ImageEncoder, source) -> list:
+    """What the prefetch thread does (its torch operations run on one thread), per image."""
+    with torch_threads(1), reused_allocations():
+        return [encoder.transform(source.load(i)) for i in range(len(source))]
+
+
 def encode_on_one_stream(encoder: ImageEncoder, source, batch_size: int, workers: int):
     configured, encoder.streams = encoder.streams, 1
     try:
@@ -231,9 +240,7 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
         if device.type == "cuda":
             batches = [b.pin_memory() for b in batches]
         variants = {
-            "preprocessing alone": lambda source=source: [
-                encoder.transform(source.load(i)) for i in range(len(source))
-            ],
+            "preprocessing alone": lambda source=source: preprocess_on_one_thread(encoder, source),
             "model alone": lambda batches=batches: encode_batches(encoder, batches),
             "model alone, one stream": lambda batches=batches: encode_batches(
                 encoder, batches, streams=1

@@ -219,7 +219,9 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
     if random_weights:
         cfg.name = RANDOM_WEIGHTS
     batch_size = args.batch_size or int(cfg.batch_size)
+    torch.manual_seed(0)  # random weights: the same ones in both, so that they can be compared
     encoder = ImageEncoder(cfg, str(device))
+    torch.manual_seed(0)
     today = TodaysPath(cfg, device)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_num_workers(device)
     report = {

@@ -45,6 +45,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -163,15 +165,22 @@ class TodaysPath:
 # ----------------------------------------------------------------------------- measurements
 
 
-def encode_batches(encoder: ImageEncoder, batches: list, streams: int | None = None):
-    """The encoder on batches preprocessed in advance, as the pipeline calls it (`streams`
-    batches at a time, freed memory reused), on `streams` streams if given."""
+@contextmanager
+def streams_set(encoder: ImageEncoder, streams: int | None) -> Iterator[None]:
+    """The encoder on `streams` streams inside the block (None: as configured)."""
     configured = encoder.streams
     encoder.streams = streams or configured
     try:
-        return torch.cat([features for _, features in encoder.encode_batches(enumerate(batches))])
+        yield
     finally:
         encoder.streams = configured
+
+
+def encode_batches(encoder: ImageEncoder, batches: list, streams: int | None = None):
+    """The encoder on batches preprocessed in advance, as the pipeline calls it (`streams`
+    batches at a time, freed memory reused), on `streams` streams if given."""
+    with streams_set(encoder, streams):
+        return torch.cat([features for _, features in encoder.encode_batches(enumerate(batches))])
 
 
 def timed(fn, device: torch.device):
@@ -205,11 +214,8 @@ def preprocess_on_one_thread(encoder: ImageEncoder, source) -> list:
 
 
 def encode_on_one_stream(encoder: ImageEncoder, source, batch_size: int, workers: int):
-    configured, encoder.streams = encoder.streams, 1
-    try:
+    with streams_set(encoder, 1):
         return encode_images(encoder, source, batch_size, workers, "raise", "bench", False)[0]
-    finally:
-        encoder.streams = configured
 
 
 def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> dict:

@@ -115,16 +115,21 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, ListConfig) else value
 
 
-def _int(key: str, value: Any, raw: Any) -> int:
+def _number(value: Any) -> float:
+    """`value` as a float; nan for a bool or anything float() refuses."""
     if isinstance(value, bool):
-        raise _fail(key, raw, "an integer or a list of integers")
-    if isinstance(value, int):
-        return value
+        return math.nan
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        raise _fail(key, raw, "an integer or a list of integers") from None
-    if not number.is_integer():
+        return math.nan
+
+
+def _int(key: str, value: Any, raw: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = _number(value)
+    if not number.is_integer():  # nan (a bool, text) and inf are not
         raise _fail(key, raw, "an integer or a list of integers")
     return int(number)
 
@@ -141,10 +146,7 @@ def positive_values(key: str, raw: Any) -> list[float]:
     """`raw` (a value or a list) as finite positive floats."""
     out = []
     for value in as_list(raw):
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
+        number = _number(value)
         if not (math.isfinite(number) and number > 0):
             raise _fail(key, raw, "a finite positive number or a list of them")
         out.append(number)
@@ -155,10 +157,7 @@ def fraction_values(key: str, raw: Any) -> list[float]:
     """`raw` (a value or a list) as floats in [0, 1]."""
     values = []
     for value in as_list(raw):
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
+        number = _number(value)
         if not 0 <= number <= 1:
             raise _fail(key, _plain(raw), "a number in [0, 1] or a list of them")
         values.append(number)

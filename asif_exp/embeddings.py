@@ -489,8 +489,8 @@ def refuse_bad_images(failures: list[dict], on_bad_image: str, description: str)
 
 
 class _Pixels(Dataset):
-    def __init__(self, source, indices: list[int], transform):
-        self.source, self.indices, self.transform = source, indices, transform
+    def __init__(self, source, indices: list[int], crop):
+        self.source, self.indices, self.crop = source, indices, crop
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -498,17 +498,19 @@ class _Pixels(Dataset):
     def __getitem__(self, position: int):
         index = self.indices[position]
         try:
-            return index, self.transform(self.source.load(index)), None
+            return index, self.crop(self.source.load(index)), None
         except Exception as error:  # unreadable or corrupt image: reported by the caller
             return index, None, f"{type(error).__name__}: {error}"
 
 
 def _collate(batch):
-    """(indices of the readable images, their pixels stacked or None, [(index, error)]): the
-    stacking is done where the images were read (a worker), not between two forward passes."""
+    """(indices of the readable images, their crops stacked or None, [(index, error)]): the
+    stacking is done where the images were read (a worker), not between two forward passes.
+    (height, width, 3) crops stack to a (batch, 3, height, width) view in channels_last, the
+    model's memory format."""
     good = [(index, pixels) for index, pixels, error in batch if error is None]
     failed = [(index, error) for index, _, error in batch if error is not None]
-    stacked = torch.stack([pixels for _, pixels in good]) if good else None
+    stacked = torch.stack([pixels for _, pixels in good]).permute(0, 3, 1, 2) if good else None
     return [index for index, _ in good], stacked, failed
 
 
@@ -598,7 +600,7 @@ def encode_images(
     device = getattr(encoder, "device", torch.device("cpu"))
     workers = auto_num_workers(device) if num_workers is None else num_workers
     loader = DataLoader(
-        _Pixels(source, unique, encoder.transform),
+        _Pixels(source, unique, encoder.preprocessing.crop),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,

@@ -139,6 +139,47 @@ def test_image_encoder_agrees_with_the_plain_module_and_says_so_in_its_identity(
     assert encoder.identity["inference"] == INFERENCE_FORM == vision_identity(cfg)["inference"]
 
 
+def _noise_images(sizes: list[tuple[int, int]]):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    return [
+        Image.fromarray(
+            torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
+        )
+        for w, h in sizes
+    ]
+
+
+def test_crops_normalised_as_a_batch_are_torchvisions_transform_bit_for_bit():
+    """What the loader hands on (bytes) and the model side finishes (a batch normalised at once)
+    must be the embeddings' old input exactly: the cache identity does not change with it."""
+    preprocessing = Preprocessing.from_config(compose_config([]).encoder.vision)
+    # up- and downscaled, square and not, odd sizes: every resize and crop offset path
+    images = _noise_images([(32, 32), (224, 224), (500, 333), (257, 641), (225, 300)])
+    crops = [preprocessing.crop(image) for image in images]
+    assert all(c.dtype == torch.uint8 and c.shape == (224, 224, 3) for c in crops)
+    batch = torch.stack(crops).permute(0, 3, 1, 2)  # as embeddings._collate stacks them
+    normalised = preprocessing.normalize(batch)
+    reference = torch.stack([preprocessing.transform()(image) for image in images])
+    assert normalised.dtype == torch.float32
+    assert normalised.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(normalised, reference)
+
+
+def test_image_encoder_normalises_byte_batches_itself():
+    cfg = compose_config(
+        ["encoder.vision.crop_size=64", "encoder.vision.resize_size=72"]
+    ).encoder.vision
+    encoder = ImageEncoder(cfg, "cpu")
+    images = _noise_images([(80, 72), (72, 100), (64, 64)])
+    crops = torch.stack([encoder.preprocessing.crop(image) for image in images])
+    floats = torch.stack([encoder.preprocessing.transform()(image) for image in images])
+    assert torch.equal(
+        encoder.encode_pixels(crops.permute(0, 3, 1, 2)), encoder.encode_pixels(floats)
+    )
+
+
 def test_auto_num_workers():
     cores = len(os.sched_getaffinity(0))
     assert auto_num_workers(torch.device("cpu")) == cores // 8

@@ -14,6 +14,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -189,9 +190,10 @@ def test_damaged_shards_are_named(tmp_path, monkeypatch):
 class _MeanColour:
     """A stand-in encoder: an image's mean colour."""
 
-    @staticmethod
-    def transform(image):
-        return torch.tensor(image.resize((1, 1)).getpixel((0, 0)), dtype=torch.float32)
+    class preprocessing:  # noqa: N801 (stands in for ImageEncoder.preprocessing)
+        @staticmethod
+        def crop(image):
+            return torch.from_numpy(np.array(image.resize((1, 1))))
 
     @staticmethod
     def encode_batches(batches):

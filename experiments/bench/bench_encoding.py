@@ -5,12 +5,12 @@ images and Flickr8k test images from `../shared/data` (`ASIF_DATA_ROOT`), and fo
 encoder (default all-MiniLM-L6-v2) on Flickr8k test captions, it times in one run, interleaved
 and repeated (the CPU machines are shared, so load varies):
 
-- **preprocessing alone**: reading, decoding and preprocessing the images on one thread, as
-  the prefetch thread does (torch's operations on one thread, freed memory reused);
+- **preprocessing alone**: reading, decoding, resizing and cropping the images to bytes on one
+  thread, as the prefetch thread does (`Preprocessing.crop`, freed memory reused);
 - **model alone**: the encoder as `python -m asif_exp` builds and calls it
   (`ImageEncoder.encode_batches`: on CPU `cpu_streams` batches at once, freed memory reused),
-  on tensors preprocessed in advance, in batches of the config's batch size (on GPU the
-  host-to-device copy is included);
+  on crops made in advance, in batches of the config's batch size; it normalises each batch
+  (on GPU after the host-to-device copy, which is included);
 - **model alone, one stream**: the same on one stream (what the streams add);
 - **model alone, glibc defaults**: `encode_pixels` batch after batch, outside
   `allocator.reused_allocations` (what keeping freed memory adds; glibc's thresholds then sit
@@ -208,9 +208,10 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict:
 
 
 def preprocess_on_one_thread(encoder: ImageEncoder, source) -> list:
-    """What the prefetch thread does (its torch operations run on one thread), per image."""
+    """What the prefetch thread does (its torch operations run on one thread), per image: read,
+    decode, resize and crop to bytes (`encode_pixels` normalises them, a batch at a time)."""
     with torch_threads(1), reused_allocations():
-        return [encoder.transform(source.load(i)) for i in range(len(source))]
+        return [encoder.preprocessing.crop(source.load(i)) for i in range(len(source))]
 
 
 def encode_on_one_stream(encoder: ImageEncoder, source, batch_size: int, workers: int):
@@ -240,13 +241,21 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
         "sets": {},
     }
     for set_name, source in sets.items():
-        # model alone: the images preprocessed in advance, in the pipeline's batches
-        pixels = [encoder.transform(source.load(i)) for i in range(len(source))]
+        # model alone: the images cropped in advance, in the pipeline's batches (as
+        # embeddings._collate stacks them); today's model: the same images as it took them
+        crops = [encoder.preprocessing.crop(source.load(i)) for i in range(len(source))]
         batches = [
-            torch.stack(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)
+            torch.stack(crops[i : i + batch_size]).permute(0, 3, 1, 2)
+            for i in range(0, len(crops), batch_size)
+        ]
+        todays_pixels = [today.transform(source.load(i)) for i in range(len(source))]
+        todays_batches = [
+            torch.stack(todays_pixels[i : i + batch_size])
+            for i in range(0, len(todays_pixels), batch_size)
         ]
         if device.type == "cuda":
             batches = [b.pin_memory() for b in batches]
+            todays_batches = [b.pin_memory() for b in todays_batches]
         variants = {
             "preprocessing alone": lambda source=source: preprocess_on_one_thread(encoder, source),
             "model alone": lambda batches=batches: encode_batches(encoder, batches),
@@ -256,7 +265,7 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
             "model alone, glibc defaults": lambda batches=batches: torch.cat(
                 [encoder.encode_pixels(b) for b in batches]
             ),
-            "today's model alone": lambda batches=batches: torch.cat(
+            "today's model alone": lambda batches=todays_batches: torch.cat(
                 [today.encode_pixels(b) for b in batches]
             ),
             "pipeline": lambda source=source: encode_images(
@@ -277,7 +286,7 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
                 )
         # warm-up on one batch (allocator, oneDNN primitives, cuDNN autotuning)
         encoder.encode_pixels(batches[0])
-        today.encode_pixels(batches[0])
+        today.encode_pixels(todays_batches[0])
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         outputs: dict[str, torch.Tensor] = {}
         for round_ in range(args.repeats):

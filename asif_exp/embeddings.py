@@ -586,9 +586,10 @@ def encode_images(
     progress: bool = True,
 ) -> tuple[torch.Tensor, list[int], list[dict]]:
     """Features of every readable image of `source`, each distinct id encoded once; images are
-    read and preprocessed by `num_workers` DataLoader workers (None: `auto_num_workers`; 0: a
-    thread of this process), in pinned memory when the encoder is on a GPU, while the model
-    encodes the batch before (`prefetched`).
+    read, resized and cropped to bytes (`Preprocessing.crop`) by `num_workers` DataLoader
+    workers (None: `auto_num_workers`; 0: a thread of this process), in pinned memory when the
+    encoder is on a GPU, while the model encodes the batch before (`prefetched`); the encoder
+    normalises each batch on its device.
 
     Returns (embeddings of the kept images, kept indices, failures [{id, error}]).
     """

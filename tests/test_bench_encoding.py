@@ -28,7 +28,8 @@ def test_bench_encoding_runs_and_agrees_with_todays_path(tmp_path, monkeypatch):
     for result in vision["sets"].values():
         one_stream = {"pipeline, one stream"} if vision["streams"] > 1 else set()
         assert set(result["variants"]) == {
-            "preprocessing alone", "model alone", "model alone, one stream",
+            "preprocessing alone", "today's preprocessing alone", "model alone",
+            "model alone, one stream",
             "model alone, glibc defaults", "today's model alone", "pipeline", "today's path",
             "pipeline, 1 workers", *one_stream,
         }  # fmt: skip

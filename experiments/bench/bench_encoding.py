@@ -6,7 +6,9 @@ encoder (default all-MiniLM-L6-v2) on Flickr8k test captions, it times in one ru
 and repeated (the CPU machines are shared, so load varies):
 
 - **preprocessing alone**: reading, decoding, resizing and cropping the images to bytes on one
-  thread, as the prefetch thread does (`Preprocessing.crop`, freed memory reused);
+  thread, as the prefetch thread does (`Preprocessing.crop`, freed memory reused); **today's
+  preprocessing alone** the same with torchvision's whole transform (to normalised floats), as
+  before;
 - **model alone**: the encoder as `python -m asif_exp` builds and calls it
   (`ImageEncoder.encode_batches`: on CPU `cpu_streams` batches at once, freed memory reused),
   on crops made in advance, in batches of the config's batch size; it normalises each batch
@@ -207,11 +209,11 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
-def preprocess_on_one_thread(encoder: ImageEncoder, source) -> list:
-    """What the prefetch thread does (its torch operations run on one thread), per image: read,
-    decode, resize and crop to bytes (`encode_pixels` normalises them, a batch at a time)."""
+def preprocess_on_one_thread(preprocess, source) -> list:
+    """`preprocess` of every image read from `source`, on one thread as the prefetch thread
+    runs it (its torch operations on one thread)."""
     with torch_threads(1), reused_allocations():
-        return [encoder.preprocessing.crop(source.load(i)) for i in range(len(source))]
+        return [preprocess(source.load(i)) for i in range(len(source))]
 
 
 def encode_on_one_stream(encoder: ImageEncoder, source, batch_size: int, workers: int):
@@ -257,7 +259,12 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
             batches = [b.pin_memory() for b in batches]
             todays_batches = [b.pin_memory() for b in todays_batches]
         variants = {
-            "preprocessing alone": lambda source=source: preprocess_on_one_thread(encoder, source),
+            "preprocessing alone": lambda source=source: preprocess_on_one_thread(
+                encoder.preprocessing.crop, source
+            ),
+            "today's preprocessing alone": lambda source=source: preprocess_on_one_thread(
+                today.transform, source
+            ),
             "model alone": lambda batches=batches: encode_batches(encoder, batches),
             "model alone, one stream": lambda batches=batches: encode_batches(
                 encoder, batches, streams=1
@@ -301,6 +308,9 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
             "speedup_over_today": ratio_summary(seconds["today's path"], seconds["pipeline"]),
             "pipeline_over_model": ratio_summary(seconds["model alone"], seconds["pipeline"]),
             "model_speedup": ratio_summary(seconds["today's model alone"], seconds["model alone"]),
+            "preprocessing_speedup": ratio_summary(
+                seconds["today's preprocessing alone"], seconds["preprocessing alone"]
+            ),
             "streams_speedup": ratio_summary(
                 seconds["model alone, one stream"], seconds["model alone"]
             ),
@@ -388,6 +398,10 @@ def print_set(set_name: str, result: dict) -> None:
     )
     print(f"    pipeline / model alone: {p['median']:.2f}x (rounds {p['min']:.2f}-{p['max']:.2f})")
     print(f"    model alone / today's model alone: {m['median']:.2f}x")
+    print(
+        f"    preprocessing alone / today's (torchvision's transform): "
+        f"{result['preprocessing_speedup']['median']:.2f}x"
+    )
     print(f"    model alone / the same on one stream: {result['streams_speedup']['median']:.2f}x")
     print(
         f"    one stream / the same with glibc's defaults: "

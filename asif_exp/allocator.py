@@ -3,7 +3,7 @@
 By default glibc maps every block above 32 MiB (a batch's activations) fresh from the kernel
 and unmaps it when freed, so each forward pass faults in and zeroes its activations again: on
 2 cores a third of EfficientNet-Lite0's CPU time went to the kernel, and keeping the blocks
-gives 1.3-1.45x its images/s (experiments/bench/README.md). `reused_allocations` keeps freed
+gives 1.07-1.45x its images/s (experiments/bench/README.md). `reused_allocations` keeps freed
 blocks for the next batch while encoding. A thread allocates from its own arena, and an arena
 other than the main one maps blocks above 64 MiB whatever the threshold, so `one_arena` makes
 every thread use the main one; it must run before threads start (glibc fixes the arena count

@@ -516,12 +516,12 @@ def _collate(batch):
 
 def auto_num_workers(device: torch.device) -> int:
     """DataLoader worker processes for `encoder.vision.num_workers: null`. On CPU the model and
-    the preprocessing share the cores: preprocessing a Flickr8k image takes about a sixth of
-    the core time EfficientNet-Lite0's forward pass does (2.6 against 18 ms), so one worker per 8
-    cores; below 8 none: a thread of this process preprocesses the next batch while the model
-    runs (`prefetched`), which on 2 cores beats a worker process (no process start, no batch
-    copied between processes; experiments/bench/README.md). On GPU the CPU only decodes and
-    resizes: every core but one, at most 16."""
+    the preprocessing share the cores: reading and cropping a Flickr8k image takes about a
+    tenth of the core time EfficientNet-Lite0's forward pass does (1.9 against 18 ms), so one
+    worker per 8 cores; below 8 none: a thread of this process preprocesses the next batch while
+    the model runs (`prefetched`), on 2 cores as fast as a worker process or faster, with no
+    process to start (experiments/bench/README.md). On GPU the CPU only decodes and resizes:
+    every core but one, at most 16."""
     cores = len(os.sched_getaffinity(0))
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))

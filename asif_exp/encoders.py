@@ -339,7 +339,7 @@ def auto_cpu_streams() -> int:
     of torch's threads. The threads of one batch wait for each other at every layer, so a
     thread that loses its core for a moment to the preprocessing stalls them all; two
     independent batches on half the threads each lose only their own time, and scale better
-    (experiments/bench/README.md: EfficientNet-Lite0 on 2 cores, the model alone 1.11-1.27x
+    (experiments/bench/README.md: EfficientNet-Lite0 on 2 cores, the model alone 1.04-1.27x
     and the whole pipeline 1.05-1.19x their speed on one stream)."""
     return 2 if torch.get_num_threads() >= 2 else 1
 

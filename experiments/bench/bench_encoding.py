@@ -386,7 +386,7 @@ def print_images(report: dict) -> None:
 def print_set(set_name: str, result: dict) -> None:
     print(f"  {set_name}, {result['images']} images: images/s, median (min-max)")
     for name, v in result["variants"].items():
-        print(f"    {name:<24} {rate(v)}  {1000 / v['per_s_median']:7.1f} s per 1,000 images")
+        print(f"    {name:<28} {rate(v)}  {1000 / v['per_s_median']:7.1f} s per 1,000 images")
     s, p, m = (
         result["speedup_over_today"],
         result["pipeline_over_model"],

@@ -84,18 +84,21 @@ class Preprocessing:
             tuple(float(x) for x in cfg.std),
         )
 
-    @functools.cached_property
-    def _resize_crop(self) -> transforms.Compose:
-        try:
-            mode = transforms.InterpolationMode(self.interpolation)
-        except ValueError:
+    def __post_init__(self):
+        # here, not at the first image: a loader reports an image's error as unreadable
+        if self.interpolation not in {m.value for m in transforms.InterpolationMode}:
             raise ValueError(
                 f"interpolation={self.interpolation!r}: expected one of "
                 f"{[m.value for m in transforms.InterpolationMode]}"
-            ) from None
+            )
+
+    @functools.cached_property
+    def _resize_crop(self) -> transforms.Compose:
         return transforms.Compose(
             [
-                transforms.Resize(self.resize_size, interpolation=mode),
+                transforms.Resize(
+                    self.resize_size, interpolation=transforms.InterpolationMode(self.interpolation)
+                ),
                 transforms.CenterCrop(self.crop_size),
             ]
         )
@@ -120,7 +123,7 @@ class Preprocessing:
         """A (batch, 3, height, width) uint8 batch of `crop`s as normalised float32, in its
         memory format (channels_last from stacked crops, the model's). ToTensor's and
         Normalize's operations in their order, so on CPU the same bits as `transform`, a batch
-        at a time (a third less time than image by image, experiments/bench/README.md)."""
+        at a time."""
         mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
         return pixels.float().div_(255).sub_(mean).div_(std)

@@ -36,9 +36,13 @@ def test_unknown_encoder_is_a_clear_error():
         ImageEncoder(cfg, "cpu")
 
 
-def test_bad_interpolation_is_a_clear_error():
+def test_bad_interpolation_is_a_clear_error_before_any_image_is_read():
+    # (at the first image, a loader would report every image as unreadable instead)
     with pytest.raises(ValueError, match="interpolation='cubic'"):
-        Preprocessing(interpolation="cubic").transform()
+        Preprocessing(interpolation="cubic")
+    cfg = compose_config(["encoder.vision.interpolation=cubic"]).encoder.vision
+    with pytest.raises(ValueError, match="interpolation='cubic'"):
+        ImageEncoder(cfg, "cpu")
 
 
 def test_efficientnet_lite0_classifies_imagenet():

@@ -60,6 +60,12 @@ def tiny_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def assert_written(folder: Path, names: list[str]) -> None:
+    """Each of `names` is a non-empty file in `folder`."""
+    for name in names:
+        assert (folder / name).stat().st_size > 0, name
+
+
 def subprocess_env(**extra: str) -> dict:
     """The environment for a child Python: it imports this checkout's asif_exp (not whichever
     copy the virtual environment was installed from, e.g. another git worktree)."""

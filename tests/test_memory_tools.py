@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_written
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -395,17 +396,19 @@ def test_explain_entry_point_on_the_real_pipeline(tmp_path):
     results = asif_exp.explain.explain_main(explain_cfg)
     assert all(results["embeddings_from_cache"].values())  # nothing encoded again
     out = tmp_path / "explain"
-    for name in [
-        "explain_q3.json",
-        "explain_q3.png",
-        "explain_q7.png",
-        "abstain.csv",
-        "abstain.png",
-        "anchor_usage.csv",
-        "anchor_usage.png",
-        "explain_results.json",
-    ]:
-        assert (out / name).stat().st_size > 0, name
+    assert_written(
+        out,
+        [
+            "explain_q3.json",
+            "explain_q3.png",
+            "explain_q7.png",
+            "abstain.csv",
+            "abstain.png",
+            "anchor_usage.csv",
+            "anchor_usage.png",
+            "explain_results.json",
+        ],
+    )
     assert Image.open(out / "explain_q3.png").size[0] > 500
     edit = results["edit"]
     assert edit["removed"] > 0 and edit["n_after"] == 40 - edit["removed"] == results["model"]["n"]

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from asif_exp.config import ON_BAD_IMAGE
 from asif_exp.data import MissingImage
+from asif_exp.encoders import Preprocessing
 from asif_exp.errors import ConfigError, DataError
 from asif_exp.results import write_json_atomic
 from asif_exp.rows import ChunkedRows, ChunkPart
@@ -504,13 +505,12 @@ class _Pixels(Dataset):
 
 
 def _collate(batch):
-    """(indices of the readable images, their crops stacked or None, [(index, error)]): the
-    stacking is done where the images were read (a worker), not between two forward passes.
-    (height, width, 3) crops stack to a (batch, 3, height, width) view in channels_last, the
-    model's memory format."""
+    """(indices of the readable images, their crops stacked (`Preprocessing.stack`) or None,
+    [(index, error)]): the stacking is done where the images were read (a worker), not between
+    two forward passes."""
     good = [(index, pixels) for index, pixels, error in batch if error is None]
     failed = [(index, error) for index, _, error in batch if error is not None]
-    stacked = torch.stack([pixels for _, pixels in good]).permute(0, 3, 1, 2) if good else None
+    stacked = Preprocessing.stack([pixels for _, pixels in good]) if good else None
     return [index for index, _ in good], stacked, failed
 
 

@@ -86,11 +86,9 @@ class Preprocessing:
 
     def __post_init__(self):
         # here, not at the first image: a loader reports an image's error as unreadable
-        if self.interpolation not in {m.value for m in transforms.InterpolationMode}:
-            raise ValueError(
-                f"interpolation={self.interpolation!r}: expected one of "
-                f"{[m.value for m in transforms.InterpolationMode]}"
-            )
+        modes = [m.value for m in transforms.InterpolationMode]
+        if self.interpolation not in modes:
+            raise ValueError(f"interpolation={self.interpolation!r}: expected one of {modes}")
 
     @functools.cached_property
     def _resize_crop(self) -> transforms.Compose:
@@ -119,9 +117,15 @@ class Preprocessing:
         hands on, a quarter of the floats' size; `normalize` finishes a batch of them."""
         return torch.from_numpy(np.array(self._resize_crop(image), dtype=np.uint8))
 
+    @staticmethod
+    def stack(crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(height, width, 3) `crop`s as one (batch, 3, height, width) uint8 batch: a view in
+        channels_last, the model's memory format, with no copy beyond the stacking."""
+        return torch.stack(list(crops)).permute(0, 3, 1, 2)
+
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """A (batch, 3, height, width) uint8 batch of `crop`s as normalised float32, in its
-        memory format (channels_last from stacked crops, the model's). ToTensor's and
+        memory format (channels_last from `stack`, the model's). ToTensor's and
         Normalize's operations in their order, so on CPU the same bits as `transform`, a batch
         at a time."""
         mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)

@@ -163,8 +163,7 @@ def test_crops_normalised_as_a_batch_are_torchvisions_transform_bit_for_bit():
     images = _noise_images([(32, 32), (224, 224), (500, 333), (257, 641), (225, 300)])
     crops = [preprocessing.crop(image) for image in images]
     assert all(c.dtype == torch.uint8 and c.shape == (224, 224, 3) for c in crops)
-    batch = torch.stack(crops).permute(0, 3, 1, 2)  # as embeddings._collate stacks them
-    normalised = preprocessing.normalize(batch)
+    normalised = preprocessing.normalize(Preprocessing.stack(crops))
     reference = torch.stack([preprocessing.transform()(image) for image in images])
     assert normalised.dtype == torch.float32
     assert normalised.is_contiguous(memory_format=torch.channels_last)
@@ -177,11 +176,9 @@ def test_image_encoder_normalises_byte_batches_itself():
     ).encoder.vision
     encoder = ImageEncoder(cfg, "cpu")
     images = _noise_images([(80, 72), (72, 100), (64, 64)])
-    crops = torch.stack([encoder.preprocessing.crop(image) for image in images])
+    crops = Preprocessing.stack([encoder.preprocessing.crop(image) for image in images])
     floats = torch.stack([encoder.preprocessing.transform()(image) for image in images])
-    assert torch.equal(
-        encoder.encode_pixels(crops.permute(0, 3, 1, 2)), encoder.encode_pixels(floats)
-    )
+    assert torch.equal(encoder.encode_pixels(crops), encoder.encode_pixels(floats))
 
 
 def test_auto_num_workers():

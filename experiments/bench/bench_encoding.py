@@ -243,12 +243,11 @@ def bench_images(vision_name: str, sets: dict, args, device: torch.device) -> di
         "sets": {},
     }
     for set_name, source in sets.items():
-        # model alone: the images cropped in advance, in the pipeline's batches (as
-        # embeddings._collate stacks them); today's model: the same images as it took them
+        # model alone: the images cropped in advance, in the pipeline's batches; today's
+        # model: the same images as it took them
         crops = [encoder.preprocessing.crop(source.load(i)) for i in range(len(source))]
         batches = [
-            torch.stack(crops[i : i + batch_size]).permute(0, 3, 1, 2)
-            for i in range(0, len(crops), batch_size)
+            Preprocessing.stack(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)
         ]
         todays_pixels = [today.transform(source.load(i)) for i in range(len(source))]
         todays_batches = [

@@ -60,6 +60,16 @@ def tiny_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+# what `python -m asif_exp.explain` writes beside explain_q<i>.json/.png, with abstain and usage on
+EXPLAIN_RUN_OUTPUTS = [
+    "abstain.csv",
+    "abstain.png",
+    "anchor_usage.csv",
+    "anchor_usage.png",
+    "explain_results.json",
+]
+
+
 def assert_written(folder: Path, names: list[str]) -> None:
     """Each of `names` is a non-empty file in `folder`."""
     for name in names:

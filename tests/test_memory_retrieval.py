@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_written
+from conftest import EXPLAIN_RUN_OUTPUTS, assert_written
 from fakes import config
 from PIL import Image
 from reference import dense_asif
@@ -241,11 +241,7 @@ def test_explain_on_retrieval_end_to_end(tmp_path):
             "explain_q0.png",
             "explain_q7.json",
             "explain_q7.png",
-            "abstain.csv",
-            "abstain.png",
-            "anchor_usage.csv",
-            "anchor_usage.png",
-            "explain_results.json",
+            *EXPLAIN_RUN_OUTPUTS,
         ],
     )
     assert Image.open(out / "explain_q0.png").size[0] > 500

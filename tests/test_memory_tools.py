@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_written
+from conftest import EXPLAIN_RUN_OUTPUTS, assert_written
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -402,11 +402,7 @@ def test_explain_entry_point_on_the_real_pipeline(tmp_path):
             "explain_q3.json",
             "explain_q3.png",
             "explain_q7.png",
-            "abstain.csv",
-            "abstain.png",
-            "anchor_usage.csv",
-            "anchor_usage.png",
-            "explain_results.json",
+            *EXPLAIN_RUN_OUTPUTS,
         ],
     )
     assert Image.open(out / "explain_q3.png").size[0] > 500
